@@ -1,0 +1,13 @@
+"""jaxspec: JAX-native speculative decoding.
+
+Generation from a language model becomes faster and stays exactly what the model would have
+produced: a drafter proposes tokens, the target scores them in one pass, a lossless rule keeps
+the longest correct prefix.
+"""
+
+from jaxspec.generate import GenerateOutput, autoregressive_tokens, generate
+from jaxspec.models import KVCache, Model, ModelConfig, forward, load, save
+from jaxspec.sampling import Sampling
+
+__all__ = ["GenerateOutput", "KVCache", "Model", "ModelConfig", "Sampling",
+           "autoregressive_tokens", "forward", "generate", "load", "save"]

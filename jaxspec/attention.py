@@ -1,0 +1,94 @@
+"""The one place that picks an attention implementation.
+
+Semantics shared by every implementation (the contract the Pallas kernels are tested against):
+row b's T new queries attend to
+  * every committed cache slot s < lengths[b], and
+  * new-token slot lengths[b] + j when mask[b, t, j] is true (the new tokens' K/V are already
+    written at slots [lengths[b], lengths[b] + T)).
+`mask=None` means causal among the new tokens (prefill, chains, one-token decode).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret")
+
+_NEG = -1e30  # finite "minus infinity": a query with nothing visible gives zeros, not NaN
+
+
+def resolve_impl(impl: str) -> str:
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLEMENTATIONS}")
+    if impl == "auto":
+        return "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "xla"
+    return impl
+
+
+def causal_mask(batch: int, t: int) -> jax.Array:
+    """The default mask among T new tokens: [B, T, T] bool lower triangle."""
+    return jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (batch, t, t))
+
+
+def visibility(lengths: jax.Array, mask: jax.Array, max_len: int) -> jax.Array:
+    """Which cache slots each new query sees: [B, T, S] bool.
+
+    lengths: [B]; mask: [B, T, T] among the new tokens.
+    """
+    slots = jnp.arange(max_len)[None, :]                       # [1, S]
+    committed = slots < lengths[:, None]                        # [B, S]
+    new_index = slots - lengths[:, None]                        # [B, S]
+    t = mask.shape[-1]
+    in_new = (new_index >= 0) & (new_index < t)                 # [B, S]
+    gathered = jnp.take_along_axis(
+        mask, jnp.broadcast_to(jnp.clip(new_index, 0, t - 1)[:, None, :],
+                               (mask.shape[0], mask.shape[1], max_len)), axis=2)  # [B, T, S]
+    return committed[:, None, :] | (in_new[:, None, :] & gathered)
+
+
+def xla_attention(q, k, v, lengths, mask, *, scale, sliding_window=None, query_positions=None):
+    """Reference attention over the whole cache buffer.
+
+    q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; lengths: [B]; mask: [B, T, T] bool.
+    query_positions: [B, T], needed only with sliding_window.
+    """
+    batch, t, hq, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    groups = hq // hkv
+    visible = visibility(lengths, mask, s)                                   # [B, T, S]
+    if sliding_window is not None:
+        slots = jnp.arange(s)[None, :]
+        new_index = jnp.clip(slots - lengths[:, None], 0, t - 1)             # [B, S]
+        key_pos = jnp.where(slots < lengths[:, None], slots,
+                            jnp.take_along_axis(query_positions, new_index, axis=1))
+        visible &= (query_positions[:, :, None] - key_pos[:, None, :]) < sliding_window
+    qg = q.reshape(batch, t, hkv, groups, d)                                 # [B, T, K, G, D]
+    scores = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k,
+                        preferred_element_type=jnp.float32) * scale          # [B, K, G, T, S]
+    scores = jnp.where(visible[:, None, None], scores, _NEG)
+    weights = jax.nn.softmax(scores, axis=-1)
+    weights = jnp.where(visible[:, None, None], weights, 0.0)
+    out = jnp.einsum("BKGTS,BSKD->BTKGD", weights.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)                     # [B, T, K, G, D]
+    return out.reshape(batch, t, hq, d).astype(q.dtype)
+
+
+def attention(q, k, v, lengths, mask=None, *, scale, impl="auto", sliding_window=None,
+              query_positions=None):
+    """Attention of T new queries over a KV cache layer; see the module docstring.
+
+    q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; lengths: [B] int32; mask: [B, T, T] bool or None.
+    Returns [B, T, Hq, D] in q's dtype.
+    """
+    batch, t = q.shape[:2]
+    if mask is None:
+        mask = causal_mask(batch, t)
+    impl = resolve_impl(impl)
+    if impl == "xla" or sliding_window is not None:
+        return xla_attention(q, k, v, lengths, mask, scale=scale, sliding_window=sliding_window,
+                             query_positions=query_positions)
+    from pallas_kernels.tree_attention import tree_attention  # only importer of pallas_kernels
+
+    return tree_attention(q, k, v, lengths, mask, scale=scale,
+                          interpret=impl == "pallas_interpret")

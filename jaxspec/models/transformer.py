@@ -1,0 +1,240 @@
+"""The functional decoder-only transformer shared by every supported family.
+
+Parameters are one pytree with the layers stacked on a leading axis [L, ...] (scanned, so the
+compile time does not grow with depth). Layout:
+
+  embed [V, D]; pos_embed [P, D] (gpt2)
+  layers/{attn_norm,mlp_norm}/{scale,bias?} [L, D]
+  layers/{q,k,v}/{kernel [L, D, H*Dh], bias? [L, H*Dh]}; layers/o/{kernel [L, Hq*Dh, D], bias?}
+  layers/{q_norm,k_norm}/scale [L, Dh] (qwen3)
+  layers/{gate,up}/kernel [L, D, F] (gated SiLU MLP) or layers/up only (gpt2); layers/down [L, F, D]
+  final_norm/{scale,bias?} [D]; lm_head/kernel [D, V] (untied only)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxspec.attention import attention
+from jaxspec.models.cache import KVCache, write_layer
+from jaxspec.models.config import ModelConfig, rope_inverse_frequencies
+
+
+@struct.dataclass
+class Model:
+    """A model as one pytree: static config (and tokenizer), array params."""
+
+    config: ModelConfig = struct.field(pytree_node=False)
+    params: Any
+    tokenizer: Any = struct.field(pytree_node=False, default=None)
+    attn_impl: str = struct.field(pytree_node=False, default="auto")
+
+    @property
+    def dtype(self):
+        return self.params["embed"].dtype
+
+
+# -- building blocks --------------------------------------------------------------------------
+
+def _norm(x, p, config: ModelConfig):
+    """RMSNorm (llama family) or LayerNorm (gpt2), computed in float32. x: [..., D]."""
+    xf = x.astype(jnp.float32)
+    if config.is_gpt2:
+        xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + config.norm_eps)
+    if config.is_gpt2:
+        return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
+    return p["scale"] * y.astype(x.dtype)
+
+
+def _dense(x, p):
+    """x: [..., In] @ kernel [In, Out] (+ bias [Out])."""
+    y = jnp.einsum("...I,IO->...O", x, p["kernel"])
+    if "bias" in p:
+        y = y + p["bias"]
+    return y
+
+
+def _rope(x, positions, inv_freq):
+    """Rotary embedding, HF 'rotate_half' convention. x: [B, T, H, Dh]; positions: [B, T]."""
+    angles = positions[:, :, None].astype(jnp.float32) * inv_freq[None, None, :]  # [B, T, Dh/2]
+    cos = jnp.cos(jnp.concatenate([angles, angles], axis=-1))[:, :, None, :]      # [B, T, 1, Dh]
+    sin = jnp.sin(jnp.concatenate([angles, angles], axis=-1))[:, :, None, :]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def _qkv(h, lp, positions, config: ModelConfig):
+    """Project and position-encode. h: [B, T, D] -> q [B, T, Hq, Dh], k/v [B, T, Hkv, Dh]."""
+    batch, t, _ = h.shape
+    q = _dense(h, lp["q"]).reshape(batch, t, config.num_heads, config.head_dim)
+    k = _dense(h, lp["k"]).reshape(batch, t, config.num_kv_heads, config.head_dim)
+    v = _dense(h, lp["v"]).reshape(batch, t, config.num_kv_heads, config.head_dim)
+    if config.qk_norm:
+        q = _norm(q, lp["q_norm"], config)
+        k = _norm(k, lp["k_norm"], config)
+    if not config.is_gpt2:
+        inv_freq = jnp.asarray(rope_inverse_frequencies(config), jnp.float32)
+        q, k = _rope(q, positions, inv_freq), _rope(k, positions, inv_freq)
+    return q, k, v
+
+
+def _mlp(h, lp, config: ModelConfig):
+    """h: [B, T, D] -> [B, T, D]."""
+    if config.is_gpt2:
+        return _dense(jax.nn.gelu(_dense(h, lp["up"]), approximate=True), lp["down"])
+    return _dense(jax.nn.silu(_dense(h, lp["gate"])) * _dense(h, lp["up"]), lp["down"])
+
+
+def _embed(params, tokens, positions, config: ModelConfig):
+    x = params["embed"][tokens]                                   # [B, T, D]
+    if config.is_gpt2:
+        x = x + params["pos_embed"][positions]
+    return x
+
+
+def _unembed(params, x, config: ModelConfig):
+    """Final norm and LM head. x: [B, T, D] -> logits [B, T, V] float32, hidden [B, T, D]."""
+    hidden = _norm(x, params["final_norm"], config)
+    if config.tie_word_embeddings:
+        logits = jnp.einsum("BTD,VD->BTV", hidden, params["embed"])
+    else:
+        logits = jnp.einsum("BTD,DV->BTV", hidden, params["lm_head"]["kernel"])
+    return logits.astype(jnp.float32), hidden
+
+
+# -- forward passes ---------------------------------------------------------------------------
+
+def forward(model: Model, tokens: jax.Array, cache: KVCache, positions: jax.Array,
+            mask: jax.Array | None = None):
+    """Run T new tokens per row against the cache.
+
+    tokens: [B, T] int32; positions: [B, T] int32; mask: [B, T, T] bool among the new tokens
+    (None = causal). The new K/V are written at slots [len, len + T) of each row; `len` is not
+    advanced (see `cache.commit`). Returns (logits [B, T, V] f32, hidden [B, T, D], cache).
+    """
+    config, params = model.config, model.params
+    scale = 1.0 / math.sqrt(config.head_dim)
+    x = _embed(params, tokens, positions, config)
+
+    def layer(carry, inputs):
+        x, cache_k, cache_v = carry
+        lp, index = inputs
+        q, k, v = _qkv(_norm(x, lp["attn_norm"], config), lp, positions, config)
+        cache_k, cache_v = write_layer(cache_k, cache_v, index, k, v, cache.lengths)
+        layer_k = jax.lax.dynamic_index_in_dim(cache_k, index, 0, keepdims=False)  # [B, S, Hkv, Dh]
+        layer_v = jax.lax.dynamic_index_in_dim(cache_v, index, 0, keepdims=False)
+        out = attention(q, layer_k, layer_v, cache.lengths, mask, scale=scale,
+                        impl=model.attn_impl, sliding_window=config.sliding_window,
+                        query_positions=positions)                             # [B, T, Hq, Dh]
+        x = x + _dense(out.reshape(*out.shape[:2], -1), lp["o"])
+        x = x + _mlp(_norm(x, lp["mlp_norm"], config), lp, config)
+        return (x, cache_k, cache_v), None
+
+    layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
+    (x, k, v), _ = jax.lax.scan(layer, (x, cache.k, cache.v), (params["layers"], layer_ids))
+    logits, hidden = _unembed(params, x, config)
+    return logits, hidden, cache.replace(k=k, v=v)
+
+
+def forward_train(params, config: ModelConfig, tokens: jax.Array):
+    """Cache-free causal forward over whole sequences (training, scoring).
+
+    tokens: [B, T] -> (logits [B, T, V] f32, hidden [B, T, D]).
+    """
+    batch, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
+    scale = 1.0 / math.sqrt(config.head_dim)
+    x = _embed(params, tokens, positions, config)
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    if config.sliding_window is not None:
+        causal &= (jnp.arange(t)[:, None] - jnp.arange(t)[None, :]) < config.sliding_window
+    groups = config.num_heads // config.num_kv_heads
+
+    def layer(x, lp):
+        q, k, v = _qkv(_norm(x, lp["attn_norm"], config), lp, positions, config)
+        qg = q.reshape(batch, t, config.num_kv_heads, groups, config.head_dim)
+        scores = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k,
+                            preferred_element_type=jnp.float32) * scale   # [B, K, G, T, T]
+        scores = jnp.where(causal, scores, -1e30)
+        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("BKGTS,BSKD->BTKGD", weights, v).reshape(batch, t, -1)
+        x = x + _dense(out, lp["o"])
+        x = x + _mlp(_norm(x, lp["mlp_norm"], config), lp, config)
+        return x, None
+
+    x, _ = jax.lax.scan(layer, x, params["layers"])
+    return _unembed(params, x, config)
+
+
+# -- initialisation ---------------------------------------------------------------------------
+
+def param_shapes(config: ModelConfig) -> dict:
+    """The parameter pytree as nested dicts of shape tuples (used by init, loading, sharding)."""
+    c, n = config, config.num_layers
+    d, f = c.hidden_size, c.intermediate_size
+
+    def dense(i, o, bias):
+        out = {"kernel": (n, i, o)}
+        if bias:
+            out["bias"] = (n, o)
+        return out
+
+    def norm(dim, stacked=True):
+        lead = (n,) if stacked else ()
+        out = {"scale": lead + (dim,)}
+        if c.is_gpt2:
+            out["bias"] = lead + (dim,)
+        return out
+
+    layers = {"attn_norm": norm(d), "mlp_norm": norm(d),
+              "q": dense(d, c.q_size, c.qkv_bias), "k": dense(d, c.kv_size, c.qkv_bias),
+              "v": dense(d, c.kv_size, c.qkv_bias), "o": dense(c.q_size, d, c.o_bias),
+              "up": dense(d, f, c.mlp_bias), "down": dense(f, d, c.mlp_bias)}
+    if not c.is_gpt2:
+        layers["gate"] = dense(d, f, c.mlp_bias)
+    if c.qk_norm:
+        layers["q_norm"] = {"scale": (n, c.head_dim)}
+        layers["k_norm"] = {"scale": (n, c.head_dim)}
+    shapes = {"embed": (c.vocab_size, d), "layers": layers, "final_norm": norm(d, stacked=False)}
+    if c.is_gpt2:
+        shapes["pos_embed"] = (c.max_position_embeddings, d)
+    if not c.tie_word_embeddings:
+        shapes["lm_head"] = {"kernel": (d, c.vocab_size)}
+    return shapes
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02):
+    """Random parameters: normal(std) matrices, unit norm scales, zero biases."""
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for (path, shape), k in zip(leaves, keys):
+        name = jax.tree_util.keystr(path)
+        if "scale" in name:
+            out.append(jnp.ones(shape, dtype))
+        elif "bias" in name:
+            out.append(jnp.zeros(shape, dtype))
+        else:
+            out.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def create(config: ModelConfig, key: jax.Array | int = 0, dtype=jnp.float32, tokenizer=None) -> Model:
+    """A randomly initialised Model (tests, training from scratch)."""
+    if isinstance(key, int):
+        key = jax.random.PRNGKey(key)
+    return Model(config=config, params=init_params(config, key, dtype), tokenizer=tokenizer)
+
+
+def num_params(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
