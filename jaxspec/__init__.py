@@ -8,6 +8,9 @@ the longest correct prefix.
 from jaxspec.generate import GenerateOutput, autoregressive_tokens, generate
 from jaxspec.models import KVCache, Model, ModelConfig, forward, load, save
 from jaxspec.sampling import Sampling
+from jaxspec import speculative
+from jaxspec.speculative import trees
+from jaxspec.speculative.drafters import DraftModel, PromptLookup
 
-__all__ = ["GenerateOutput", "KVCache", "Model", "ModelConfig", "Sampling",
+__all__ = ["DraftModel", "GenerateOutput", "PromptLookup", "speculative", "trees", "KVCache", "Model", "ModelConfig", "Sampling",
            "autoregressive_tokens", "forward", "generate", "load", "save"]

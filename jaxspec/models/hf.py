@@ -36,7 +36,7 @@ def _layer_names(config: ModelConfig) -> dict[str, tuple[str, bool]]:
                  "o/kernel": ("attn.c_proj.weight", False), "o/bias": ("attn.c_proj.bias", False),
                  "up/kernel": ("mlp.c_fc.weight", False), "up/bias": ("mlp.c_fc.bias", False),
                  "down/kernel": ("mlp.c_proj.weight", False), "down/bias": ("mlp.c_proj.bias", False)}
-        return {k: (base + v, t) for k, v in names.items() if _exists(config, k)}
+        return {k: (base + v, t) for k, (v, t) in names.items() if _exists(config, k)}
     base = "model.layers.{i}."
     names = {"attn_norm/scale": "input_layernorm.weight",
              "mlp_norm/scale": "post_attention_layernorm.weight",

@@ -23,3 +23,21 @@ class Draft:
     parents: jax.Array
     valid: jax.Array
     q: jax.Array | None = None
+
+
+@struct.dataclass
+class Context:
+    """What the loop tells a drafter about each row.
+
+    history:        [B, H] int32  prompt + generated tokens; history[b, :length[b]] is valid and
+                                  history[b, length[b] - 1] is the root (last committed token,
+                                  whose K/V the target has not computed yet)
+    length:         [B] int32
+    cache_lengths:  [B] int32     the target cache's committed length (= length - 1)
+    active:         [B] bool      rows still generating
+    """
+
+    history: jax.Array
+    length: jax.Array
+    cache_lengths: jax.Array
+    active: jax.Array

@@ -1,0 +1,6 @@
+"""Drafters: one file each; they know nothing of each other."""
+
+from jaxspec.speculative.drafters.draft_model import DraftModel
+from jaxspec.speculative.drafters.prompt_lookup import PromptLookup
+
+__all__ = ["DraftModel", "PromptLookup"]

@@ -1,0 +1,151 @@
+"""DraftModel: a small jaxspec model proposes a chain, sampled with the target's Sampling.
+
+The draft keeps its own KV cache with the same committed length as the target's. Each round
+re-feeds the last committed token together with the root (re-writing an identical K/V at slot
+len - 1), which covers the case where the previous round accepted the whole chain and the last
+draft token was never fed; rolling back after a rejection is just resetting `lengths`.
+
+num_tokens="auto" drafts up to `max_tokens` per round with a per-row length that grows by 2
+after a fully accepted round and shrinks by 1 otherwise (HF assisted generation's schedule),
+and stops a row early once the draft's own probability of the whole run drops below
+`1 - stop_threshold` (the SpecDec++ rule with the draft's probabilities standing in for a trained
+acceptance head). Drafting is a while_loop that exits as soon as every row has stopped.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxspec.models.cache import KVCache
+from jaxspec.models.transformer import Model, forward
+from jaxspec.sampling import Sampling, probabilities, sample
+from jaxspec.speculative.draft import Context, Draft
+from jaxspec.speculative.drafters.base import check_num_tokens, check_same_vocabulary
+from jaxspec.speculative.trees import TreeSpec, chain
+
+
+@struct.dataclass
+class DraftModelState:
+    cache: KVCache          # the draft's KV cache; lengths tracked from the target's
+    num_tokens: jax.Array   # [B] int32, current draft length per row (adaptive mode)
+
+
+@struct.dataclass
+class DraftModel:
+    model: Model
+    num_tokens: int | str = struct.field(pytree_node=False, default=5)
+    max_tokens: int = struct.field(pytree_node=False, default=8)
+    stop_threshold: float | None = struct.field(pytree_node=False, default=0.7)
+
+    def __post_init__(self):
+        if not isinstance(self.model, Model):
+            raise ValueError(f"DraftModel needs a jaxspec Model (js.load(...)), got "
+                             f"{type(self.model).__name__}")
+        if self.num_tokens == "auto":
+            check_num_tokens(self.max_tokens, "max_tokens")
+        else:
+            check_num_tokens(self.num_tokens)
+        if self.stop_threshold is not None and not 0.0 < self.stop_threshold < 1.0:
+            raise ValueError(f"stop_threshold must be in (0, 1) or None, got {self.stop_threshold}")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.num_tokens == "auto"
+
+    @property
+    def k(self) -> int:
+        """Static maximum number of draft tokens per round."""
+        return self.max_tokens if self.adaptive else self.num_tokens
+
+    @property
+    def tree(self) -> TreeSpec:
+        return chain(self.k)
+
+    def cache_slack(self) -> int:
+        return self.k + 1
+
+    def check_compatible(self, target: Model) -> None:
+        check_same_vocabulary(target, self.model)
+        if self.k + 1 > self.model.config.max_position_embeddings:
+            raise ValueError(f"num_tokens={self.k} is larger than the draft model's context allows")
+
+    def init(self, target: Model, prompt_tokens, prompt_lengths, max_len: int, state=None):
+        """Prefill the draft's cache with the prompts. prompt_tokens: [B, Tp]."""
+        batch, tp = prompt_tokens.shape
+        cache = KVCache.create(self.model.config, batch, max_len, self.model.dtype)
+        positions = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), (batch, tp))
+        _, _, cache = forward(self.model, prompt_tokens, cache, positions)
+        start = self.k if not self.adaptive else min(4, self.k)
+        return DraftModelState(cache=cache.replace(lengths=prompt_lengths),
+                               num_tokens=jnp.full((batch,), start, jnp.int32))
+
+    def _logits(self, logits, vocab: int):
+        """Draft logits [..., Vd] -> [..., V] of the target's vocabulary (padded vocabularies)."""
+        vd = logits.shape[-1]
+        if vd >= vocab:
+            return logits[..., :vocab]
+        pad = [(0, 0)] * (logits.ndim - 1) + [(0, vocab - vd)]
+        return jnp.pad(logits, pad, constant_values=-jnp.inf)
+
+    def propose(self, state: DraftModelState, ctx: Context, sampling: Sampling, key, vocab: int):
+        batch = ctx.length.shape[0]
+        k, n = self.k, self.k + 1
+        rows = jnp.arange(batch)
+        committed = ctx.cache_lengths                                             # [B]
+        root = ctx.history[rows, ctx.length - 1]
+        before = ctx.history[rows, jnp.maximum(ctx.length - 2, 0)]
+        cache = state.cache.replace(lengths=committed - 1)
+        two = jnp.stack([before, root], axis=1)                                   # [B, 2]
+        positions = (committed - 1)[:, None] + jnp.arange(2)[None, :]
+        logits, _, cache = forward(self.model, two, cache, positions)
+        limit = state.num_tokens if self.adaptive else jnp.full((batch,), k, jnp.int32)
+        tokens = jnp.zeros((batch, n), jnp.int32).at[:, 0].set(root)
+        valid = jnp.zeros((batch, n), bool).at[:, 0].set(True)
+        q = None if sampling.greedy else jnp.zeros((batch, n, vocab), jnp.float32)
+
+        def draw(i, step_logits, tokens, valid, q, drafting, run_prob):
+            """Sample draft token i + 1 from the draft's logits after token i. [B, V] -> ..."""
+            step_logits = self._logits(step_logits, vocab)                        # [B, V]
+            token = sample(jax.random.fold_in(key, i), step_logits, sampling)     # [B]
+            tokens = tokens.at[:, i + 1].set(token)
+            valid = valid.at[:, i + 1].set(drafting)
+            if q is not None:
+                q = q.at[:, i + 1].set(probabilities(step_logits, sampling))
+            # Confidence of the run so far, from the draft's unprocessed distribution.
+            confidence = jnp.take_along_axis(jax.nn.softmax(step_logits, axis=-1),
+                                             token[:, None], axis=1)[:, 0]
+            run_prob = run_prob * confidence
+            drafting = drafting & (i + 1 < limit)
+            if self.stop_threshold is not None and self.adaptive:
+                drafting = drafting & (run_prob >= 1.0 - self.stop_threshold)
+            return tokens, valid, q, drafting, run_prob
+
+        def cond(carry):
+            i, _, _, _, _, _, drafting, _ = carry
+            return (i < k) & jnp.any(drafting)
+
+        def body(carry):
+            i, cache, _, tokens, valid, q, drafting, run_prob = carry
+            slot = committed + i                                                  # token i's slot
+            cache = cache.replace(lengths=slot)
+            step_logits, _, cache = forward(self.model, tokens[:, i][:, None], cache, slot[:, None])
+            tokens, valid, q, drafting, run_prob = draw(i, step_logits[:, 0], tokens, valid, q,
+                                                        drafting, run_prob)
+            return i + 1, cache, None, tokens, valid, q, drafting, run_prob
+
+        first = draw(0, logits[:, 1], tokens, valid, q, ctx.active, jnp.ones((batch,), jnp.float32))
+        carry = (jnp.int32(1), cache, None, *first)
+        _, cache, _, tokens, valid, q, _, _ = jax.lax.while_loop(cond, body, carry)
+        parents = jnp.broadcast_to(jnp.arange(-1, n - 1, dtype=jnp.int32), (batch, n))
+        draft = Draft(tokens=tokens, parents=parents, valid=valid, q=q)
+        return draft, state.replace(cache=cache.replace(lengths=committed))
+
+    def commit(self, state: DraftModelState, ctx: Context, draft: Draft, verdict, target_logits):
+        if not self.adaptive:
+            return state
+        drafted = jnp.sum(draft.valid, axis=1) - 1                                 # [B]
+        full = verdict.num_accepted >= drafted
+        grown = jnp.where(full, state.num_tokens + 2, state.num_tokens - 1)
+        return state.replace(num_tokens=jnp.clip(grown, 1, self.k))

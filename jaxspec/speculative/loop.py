@@ -1,0 +1,148 @@
+"""The speculative loop: draft -> score -> verify -> commit, one jitted while_loop over a batch.
+
+Every row advances by its own accepted length. Per round and row:
+  1. the drafter proposes N nodes (node 0 = root = last committed token, not yet in the cache);
+  2. one target forward scores all N nodes at positions len + depth under the tree mask
+     "committed prefix + own ancestors", writing their K/V at slots [len, len + N);
+  3. the acceptance rule keeps a root-to-node path and draws the next token from the target;
+  4. the path's K/V are compacted to slots [len, len + accepted + 1), `len` advances, the emitted
+     tokens (accepted + next) are appended up to a stop token or the row's limit, and the
+     drafter is told what was accepted.
+Nothing syncs with the host inside the loop; the caches live inside the program.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxspec.generate import TokenOutput, prefill, stop_mask
+from jaxspec.models.cache import KVCache, commit, compact
+from jaxspec.models.transformer import Model, forward
+from jaxspec.sampling import Sampling, sample
+from jaxspec.speculative.draft import Context, Draft
+from jaxspec.speculative.trees import TreeSpec
+from jaxspec.speculative.verify import verify
+
+
+def tree_tables(draft: Draft, max_depth: int, tree):
+    """Depth [B, N] and ancestor mask [B, N, N] of a draft (baked constants for static trees)."""
+    batch, n = draft.tokens.shape
+    if isinstance(tree, TreeSpec):
+        depth = jnp.broadcast_to(jnp.asarray(tree.depths), (batch, n))
+        mask = jnp.broadcast_to(jnp.asarray(tree.ancestor_mask), (batch, n, n))
+        return depth, mask
+    parents = jnp.maximum(draft.parents, 0)                                      # [B, N]
+    mask = jnp.eye(n, dtype=bool)[None].repeat(batch, 0)
+    cur = jnp.broadcast_to(jnp.arange(n), (batch, n))
+    for _ in range(max_depth):
+        cur = jnp.take_along_axis(parents, cur, axis=1)
+        mask = mask | jax.nn.one_hot(cur, n, dtype=bool)
+    depth = jnp.sum(mask, axis=-1).astype(jnp.int32) - 1
+    return depth, mask
+
+
+def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_lengths: jax.Array,
+                    max_new_tokens: int, sampling: Sampling, key: jax.Array, *,
+                    stop_tokens: jax.Array | None = None, limit: jax.Array | None = None,
+                    pad_id: int = 0, rule: str = "auto", drafter_state=None):
+    """Speculative generation on token arrays; pure, so it can run inside a user's jax.jit.
+
+    prompt_tokens: [B, Tp] right-padded; prompt_lengths: [B]; max_new_tokens: static M;
+    limit: optional dynamic per-row cap <= M; stop_tokens: [K]. drafter=None decodes
+    autoregressively. Returns (TokenOutput, drafter_state).
+    """
+    if drafter is None:
+        from jaxspec.generate import autoregressive_tokens
+        return autoregressive_tokens(target, prompt_tokens, prompt_lengths, max_new_tokens,
+                                     sampling, key, stop_tokens, limit, pad_id), None
+    batch, tp = prompt_tokens.shape
+    tree = drafter.tree
+    n, depth_max = tree.num_nodes, tree.max_depth
+    max_children = tree.max_children
+    vocab = target.config.vocab_size
+    max_len = tp + max_new_tokens + n
+    stop_tokens = jnp.zeros((0,), jnp.int32) if stop_tokens is None else stop_tokens
+    limit = jnp.broadcast_to(jnp.asarray(max_new_tokens if limit is None else limit, jnp.int32), (batch,))
+    rows = jnp.arange(batch)
+
+    cache = KVCache.create(target.config, batch, max_len, target.dtype)
+    logits, _, cache = prefill(target, prompt_tokens, prompt_lengths, cache)
+    first = sample(jax.random.fold_in(key, 0), logits, sampling)                  # [B]
+    history = jnp.zeros((batch, max_len), jnp.int32).at[:, :tp].set(prompt_tokens)
+    history = history.at[rows, prompt_lengths].set(first)
+    out = jnp.full((batch, max_new_tokens + n), pad_id, jnp.int32).at[:, 0].set(first)
+    n_out = jnp.ones((batch,), jnp.int32)
+    done = stop_mask(first, stop_tokens) | (n_out >= limit)
+    dstate = drafter.init(target, prompt_tokens, prompt_lengths, max_len, drafter_state)
+    zeros = jnp.zeros((batch,), jnp.int32)
+    stats = (jnp.ones((batch,), jnp.int32), zeros, zeros, jnp.zeros((batch, depth_max), jnp.int32))
+
+    def cond(state):
+        return (state["round"] < max_new_tokens) & ~jnp.all(state["done"])
+
+    def body(state):
+        cache, history, out, n_out, done = (state[k] for k in ("cache", "history", "out", "n_out", "done"))
+        active = ~done
+        round_key = jax.random.fold_in(key, state["round"])
+        draft_key, verify_key = jax.random.split(round_key)
+        ctx = Context(history=history, length=cache.lengths + 1, cache_lengths=cache.lengths,
+                      active=active)
+        draft, dstate = drafter.propose(state["dstate"], ctx, sampling, draft_key, vocab)
+        depth, mask = tree_tables(draft, depth_max, tree)
+        positions = cache.lengths[:, None] + depth                                 # [B, N]
+        target_logits, _, cache = forward(target, draft.tokens, cache, positions, mask)
+        verdict = verify(rule, draft, target_logits, sampling, verify_key,
+                         max_depth=depth_max, max_children=max_children)
+        accepted = verdict.num_accepted                                            # [B]
+        # Emitted tokens: the accepted path's tokens (after the root), then the next token.
+        path_tokens = jnp.take_along_axis(draft.tokens, verdict.path, axis=1)      # [B, D+1]
+        emitted = jnp.concatenate([path_tokens[:, 1:], jnp.zeros((batch, 1), jnp.int32)], axis=1)
+        emitted = emitted.at[rows, accepted].set(verdict.next_token)               # [B, D+1]
+        count = accepted + 1
+        positions_d = jnp.arange(depth_max + 1)[None, :]
+        is_stop = stop_mask(emitted, stop_tokens) & (positions_d < count[:, None])
+        first_stop = jnp.min(jnp.where(is_stop, positions_d, depth_max + 1), axis=1)
+        count = jnp.minimum(jnp.minimum(count, first_stop + 1), limit - n_out)
+        count = jnp.where(active, count, 0)
+        slots = jnp.where(positions_d < count[:, None], n_out[:, None] + positions_d,
+                          out.shape[1])
+        out = out.at[rows[:, None], slots].set(emitted, mode="drop")
+        hist_slots = jnp.where(positions_d < count[:, None], ctx.length[:, None] + positions_d,
+                               history.shape[1])
+        history = history.at[rows[:, None], hist_slots].set(emitted, mode="drop")
+        n_out = n_out + count
+        done = done | (active & ((first_stop <= accepted) | (n_out >= limit)))
+        # K/V: the root and accepted nodes move to contiguous slots; len advances past them.
+        if not _is_chain(tree):
+            cache = compact(cache, verdict.path, jnp.where(active, accepted + 1, 0))
+        cache = commit(cache, jnp.where(active, jnp.minimum(accepted + 1, count), 0))
+        dstate = drafter.commit(dstate, ctx, draft, verdict, target_logits)
+        steps, drafted, acc, by_pos = state["stats"]
+        drafted_now = jnp.sum(draft.valid, axis=1) - 1
+        stats = (steps + active, drafted + jnp.where(active, drafted_now, 0),
+                 acc + jnp.where(active, accepted, 0),
+                 by_pos + (active[:, None] & (accepted[:, None] > jnp.arange(depth_max)[None, :])))
+        return dict(cache=cache, history=history, out=out, n_out=n_out, done=done, dstate=dstate,
+                    stats=stats, round=state["round"] + 1)
+
+    state = dict(cache=cache, history=history, out=out, n_out=n_out, done=done, dstate=dstate,
+                 stats=stats, round=jnp.int32(1))
+    state = jax.lax.while_loop(cond, body, state)
+    steps, drafted, acc, by_pos = state["stats"]
+    output = TokenOutput(tokens=state["out"][:, :max_new_tokens], lengths=state["n_out"],
+                         target_steps=steps, drafted=drafted, accepted=acc,
+                         accepted_by_position=by_pos)
+    return output, state["dstate"]
+
+
+def _is_chain(tree) -> bool:
+    return isinstance(tree, TreeSpec) and tree.max_children <= 1
+
+
+def speculative_program(max_new_tokens, pad_id, target, drafter, prompt_tokens, prompt_lengths,
+                        sampling, key, stop_tokens, limit, drafter_state):
+    """The jitted program behind js.generate(..., drafter=...)."""
+    return generate_tokens(target, drafter, prompt_tokens, prompt_lengths, max_new_tokens,
+                           sampling, key, stop_tokens=stop_tokens, limit=limit, pad_id=pad_id,
+                           drafter_state=drafter_state)
