@@ -7,10 +7,13 @@ the longest correct prefix.
 
 from jaxspec.generate import GenerateOutput, autoregressive_tokens, generate
 from jaxspec.models import KVCache, Model, ModelConfig, forward, load, save
+from jaxspec.models.default import load_default
 from jaxspec.sampling import Sampling
 from jaxspec import speculative
 from jaxspec.speculative import trees
 from jaxspec.speculative.drafters import DraftModel, PromptLookup
+from jaxspec import sharding
+from jaxspec.sharding import make_mesh, shard
 
 __all__ = ["DraftModel", "GenerateOutput", "PromptLookup", "speculative", "trees", "KVCache", "Model", "ModelConfig", "Sampling",
-           "autoregressive_tokens", "forward", "generate", "load", "save"]
+           "autoregressive_tokens", "forward", "generate", "load", "make_mesh", "shard", "sharding", "load_default", "save"]

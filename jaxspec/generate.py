@@ -62,12 +62,20 @@ def stop_mask(tokens: jax.Array, stop_tokens: jax.Array) -> jax.Array:
 def autoregressive_tokens(model: Model, prompt_tokens: jax.Array, prompt_lengths: jax.Array,
                           max_new_tokens: int, sampling: Sampling, key: jax.Array,
                           stop_tokens: jax.Array | None = None, limit: jax.Array | None = None,
-                          pad_id: int = 0) -> TokenOutput:
+                          pad_id: int = 0, mesh=None) -> TokenOutput:
     """Plain decoding, one target forward per token, as one while_loop.
 
     prompt_tokens: [B, Tp] right-padded; prompt_lengths: [B]; max_new_tokens: static buffer
     size M; limit: optional [B] (or scalar) dynamic cap <= M; stop_tokens: [K] int32.
+    mesh: a js.make_mesh mesh: rows split on "data", the KV cache by batch and KV head.
     """
+    if mesh is not None:
+        from jaxspec.sharding import use_mesh
+        with use_mesh(mesh, model.config):
+            return autoregressive_tokens(model, prompt_tokens, prompt_lengths, max_new_tokens,
+                                         sampling, key, stop_tokens, limit, pad_id)
+    from jaxspec.sharding import constrain_batch  # no-op unless a mesh is active
+    prompt_tokens, prompt_lengths = constrain_batch(prompt_tokens, prompt_lengths)
     batch, tp = prompt_tokens.shape
     stop_tokens = jnp.zeros((0,), jnp.int32) if stop_tokens is None else stop_tokens
     limit = jnp.broadcast_to(jnp.asarray(max_new_tokens if limit is None else limit, jnp.int32), (batch,))
@@ -186,6 +194,7 @@ class _ProgramCache:
 
     def __init__(self):
         self._programs = {}
+        self.last_memory_bytes = 0  # arguments + outputs + temporaries of the last program used
 
     def get(self, name: str, fn, static: tuple, args: tuple):
         leaves, treedef = jax.tree_util.tree_flatten(args)
@@ -194,28 +203,42 @@ class _ProgramCache:
             start = time.perf_counter()
             compiled = jax.jit(fn, static_argnums=tuple(range(len(static)))).lower(
                 *static, *args).compile()
-            self._programs[key] = (compiled, time.perf_counter() - start)
+            self._programs[key] = (compiled, time.perf_counter() - start, _program_bytes(compiled))
             COMPILATIONS[name] += 1
+            self.last_memory_bytes = self._programs[key][2]
             return compiled, self._programs[key][1]
+        self.last_memory_bytes = self._programs[key][2]
         return self._programs[key][0], 0.0
+
+
+def _program_bytes(compiled) -> int:
+    try:
+        m = compiled.memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                   - m.alias_size_in_bytes)
+    except Exception:  # not every backend reports it
+        return 0
 
 
 PROGRAMS = _ProgramCache()
 
 
-def _autoregressive_program(max_new_tokens, pad_id, model, prompt_tokens, prompt_lengths,
+def _autoregressive_program(max_new_tokens, pad_id, mesh, model, prompt_tokens, prompt_lengths,
                             sampling, key, stop_tokens, limit):
     return autoregressive_tokens(model, prompt_tokens, prompt_lengths, max_new_tokens, sampling,
-                                 key, stop_tokens, limit, pad_id)
+                                 key, stop_tokens, limit, pad_id, mesh=mesh)
 
 
 def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64,
              sampling: Sampling | None = None, drafter=None, seed: int = 0,
-             stop_tokens: Sequence[int] | None = None, drafter_state=None) -> GenerateOutput:
+             stop_tokens: Sequence[int] | None = None, drafter_state=None,
+             mesh=None) -> GenerateOutput:
     """Generate continuations of `prompts` (strings or token-id lists).
 
     drafter=None decodes autoregressively; a drafter (js.DraftModel, js.PromptLookup, ...) runs
     speculative decoding, whose output is exactly what the target alone would produce.
+    mesh (js.make_mesh): run sharded; the target is split by jaxspec.sharding.RULES (unless
+    already placed on this mesh), the drafter replicated, the prompts split by row on "data".
     """
     sampling = Sampling() if sampling is None else sampling
     if not isinstance(sampling, Sampling):
@@ -236,14 +259,18 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64,
     stops = stop_token_array(model, stop_tokens)
     key = jax.random.PRNGKey(seed)
     limit = np.full((batch,), max_new_tokens, np.int32)
+    if mesh is not None:
+        from jaxspec.sharding import prepare_generate
+        model, drafter, drafter_state, (prompt_tokens, prompt_lengths, limit) = prepare_generate(
+            mesh, model, drafter, drafter_state, (prompt_tokens, prompt_lengths, limit))
     if drafter is None:
         args = (model, prompt_tokens, prompt_lengths, sampling, key, stops, limit)
-        program, compile_s = PROGRAMS.get("autoregressive", _autoregressive_program, (m, pad), args)
+        program, compile_s = PROGRAMS.get("autoregressive", _autoregressive_program, (m, pad, mesh), args)
     else:
         from jaxspec.speculative.loop import speculative_program
         args = (model, drafter, prompt_tokens, prompt_lengths, sampling, key, stops, limit,
                 drafter_state)
-        program, compile_s = PROGRAMS.get("speculative", speculative_program, (m, pad), args)
+        program, compile_s = PROGRAMS.get("speculative", speculative_program, (m, pad, mesh), args)
     start = time.perf_counter()
     result = program(*args)
     result = jax.block_until_ready(result)

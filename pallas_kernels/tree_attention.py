@@ -396,7 +396,8 @@ def _resolve_backend(backend, interpret):
         if not interpret:
             raise ValueError(f"tree_attention needs a GPU or TPU (default backend is {platform!r});"
                              " pass interpret=True to run the kernel in interpret mode")
-        return "gpu"  # interpret mode on CPU: the GPU kernel's in-kernel loop interprets fastest
+        # Interpret mode on CPU: either family runs; the tests pass `backend` to cover both.
+        return "gpu"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or None")
     return backend
@@ -454,6 +455,8 @@ def tree_attention(q, k, v, lengths, mask, *, scale, interpret=False, backend=No
     num_warps = config.num_warps if num_warps is None else num_warps
     num_stages = config.num_stages if num_stages is None else num_stages
     num_splits = config.num_splits if num_splits is None else num_splits
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1 or None; got {num_splits}")
 
     groups = q_heads // kv_heads
     rows = new * groups

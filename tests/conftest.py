@@ -136,3 +136,15 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="session", params=FAMILIES)
 def checkpoint(request, checkpoints):
     return checkpoints[request.param]
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer():
+    """A tiny whitespace tokenizer over the test vocabulary: 'w0' .. 'w127' <-> 0 .. 127."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")

@@ -27,8 +27,10 @@ class KVCache:
     @classmethod
     def create(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
         shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   lengths=jnp.zeros((batch,), jnp.int32))
+        cache = cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                    lengths=jnp.zeros((batch,), jnp.int32))
+        from jaxspec.sharding import constrain_cache  # split on the active mesh, if any
+        return constrain_cache(cache, config)
 
 
 def write_layer(cache_k: jax.Array, cache_v: jax.Array, layer: jax.Array | int,

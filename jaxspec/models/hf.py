@@ -7,9 +7,11 @@ model.safetensors and the tokenizer files so `transformers` loads the directory 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -124,9 +126,11 @@ def _normalize_name(name: str, config: ModelConfig) -> str:
     return name
 
 
-def load(path: str | os.PathLike, dtype: str = "float32", attn_impl: str = "auto") -> Model:
-    """Load a local Hugging Face checkpoint directory into a jaxspec Model."""
-    path = Path(path)
+def _check_checkpoint(path: Path, dtype: str):
+    """Validate a checkpoint directory against its config.json before reading any data.
+
+    Returns (config, {tensor name: (stored name, file)}, {tensor name: expected HF shape}).
+    """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     if not (path / "config.json").is_file():
@@ -146,6 +150,21 @@ def load(path: str | os.PathLike, dtype: str = "float32", attn_impl: str = "auto
     if extra:
         raise ValueError(f"checkpoint {path} has unexpected tensor {extra[0]!r} for a "
                          f"{config.family} config" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    return config, files, expected
+
+
+def load(path: str | os.PathLike, dtype: str = "float32", attn_impl: str = "auto",
+         mesh=None, replicate: bool = False) -> Model:
+    """Load a local Hugging Face checkpoint directory into a jaxspec Model.
+
+    mesh: a js.make_mesh mesh to load straight into the sharded layout (each process reads only
+    its slices; see jaxspec.sharding.load_sharded); replicate=True copies it whole to every device.
+    """
+    if mesh is not None:
+        from jaxspec.sharding import load_sharded
+        return load_sharded(path, mesh, dtype=dtype, attn_impl=attn_impl, replicate=replicate)
+    path = Path(path)
+    config, files, expected = _check_checkpoint(path, dtype)
     target = _DTYPES[dtype]
     by_file: dict[Path, list[str]] = {}
     for name, (stored, file) in files.items():
@@ -191,6 +210,77 @@ def _to_params(tensors: dict[str, np.ndarray], config: ModelConfig, dtype) -> di
     for ours, xs in stacks.items():
         flat[f"layers/{ours}"] = conv(np.stack(xs))
     return _unflatten(flat)
+
+
+class SliceReader:
+    """Reads blocks of jaxspec parameters from a checkpoint without reading whole tensors.
+
+    `read("layers/q/kernel", (layers, rows, cols))` returns that block of the stacked, transposed
+    jaxspec parameter, reading from each HF tensor only the matching slice (safetensors
+    `get_slice`). Used by sharded loading, where each process reads only what its devices hold.
+    A context manager: the files stay open inside `with`.
+    """
+
+    def __init__(self, path: Path, config: ModelConfig, files: dict, expected: dict, dtype):
+        self.path, self.config, self.files, self.expected = path, config, files, expected
+        self.np_dtype = ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else np.dtype(dtype)
+        self._handles: dict[Path, Any] = {}
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self):
+        for name, (stored, file) in sorted(self.files.items()):
+            if file not in self._handles:
+                self._handles[file] = self._stack.enter_context(safe_open(file, framework="numpy"))
+            shape = tuple(self._handles[file].get_slice(stored).get_shape())
+            if shape != self.expected[name]:
+                raise ValueError(f"tensor {name!r} in {file.name} has shape {shape}, "
+                                 f"expected {self.expected[name]} from config.json")
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
+        self._handles.clear()
+
+    def _slice(self, name: str, index: tuple) -> np.ndarray:
+        stored, file = self.files[name]
+        return np.asarray(self._handles[file].get_slice(stored)[index])
+
+    def read(self, ours: str, index: tuple) -> np.ndarray:
+        """Block `index` (a tuple of slices with concrete bounds) of our parameter `ours`."""
+        c = self.config
+        if not ours.startswith("layers/"):
+            name, transpose = _top_names(c)[ours]
+            block = self._slice(name, index[::-1] if transpose else index)
+            return self._convert(block.T if transpose else block)
+        sub, (layers, *rest) = ours[len("layers/"):], index
+        rest = tuple(rest)
+        blocks = []
+        for i in range(layers.start, layers.stop):
+            if c.is_gpt2 and sub.split("/")[0] in ("q", "k", "v"):
+                # q, k, v are column blocks of the fused c_attn weight [D, 3D] / bias [3D].
+                off = "qkv".index(sub[0]) * c.hidden_size
+                kind = "weight" if sub.endswith("kernel") else "bias"
+                last = slice(rest[-1].start + off, rest[-1].stop + off)
+                blocks.append(self._slice(f"transformer.h.{i}.attn.c_attn.{kind}", rest[:-1] + (last,)))
+                continue
+            template, transpose = _layer_names(c)[sub]
+            block = self._slice(template.format(i=i), rest[::-1] if transpose else rest)
+            blocks.append(block.T if transpose else block)
+        return self._convert(np.stack(blocks))
+
+    def _convert(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x)
+        return x if x.dtype == self.np_dtype else x.astype(np.float32).astype(self.np_dtype)
+
+    def tokenizer(self):
+        return _load_tokenizer(self.path)
+
+
+def open_checkpoint(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfig, SliceReader]:
+    """Validate a checkpoint directory and return (config, a SliceReader over its tensors)."""
+    path = Path(path)
+    config, files, expected = _check_checkpoint(path, dtype)
+    return config, SliceReader(path, config, files, expected, _DTYPES[dtype])
 
 
 def _unflatten(flat: dict) -> dict:

@@ -45,18 +45,34 @@ def tree_tables(draft: Draft, max_depth: int, tree):
 def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_lengths: jax.Array,
                     max_new_tokens: int, sampling: Sampling, key: jax.Array, *,
                     stop_tokens: jax.Array | None = None, limit: jax.Array | None = None,
-                    pad_id: int = 0, rule: str = "auto", drafter_state=None):
+                    pad_id: int = 0, rule: str = "auto", drafter_state=None, mesh=None,
+                    return_cache: bool = False):
     """Speculative generation on token arrays; pure, so it can run inside a user's jax.jit.
 
     prompt_tokens: [B, Tp] right-padded; prompt_lengths: [B]; max_new_tokens: static M;
     limit: optional dynamic per-row cap <= M; stop_tokens: [K]. drafter=None decodes
-    autoregressively. Returns (TokenOutput, drafter_state).
+    autoregressively. mesh (js.make_mesh): rows split on "data", the target's KV cache by batch
+    and KV head, drafter caches by batch (see jaxspec.sharding). Returns (TokenOutput, drafter_state),
+    plus the target's final KVCache when return_cache (tests compare it with a plain run).
+    rule="auto" is greedy at temperature 0, else the drafter's `rule` attribute when it has one
+    (e.g. "speculative_wor" for trees drafted without replacement), else "speculative".
     """
+    if mesh is not None:
+        from jaxspec.sharding import use_mesh
+        with use_mesh(mesh, target.config):
+            return generate_tokens(target, drafter, prompt_tokens, prompt_lengths, max_new_tokens,
+                                   sampling, key, stop_tokens=stop_tokens, limit=limit,
+                                   pad_id=pad_id, rule=rule, drafter_state=drafter_state,
+                                   return_cache=return_cache)
     if drafter is None:
         from jaxspec.generate import autoregressive_tokens
         return autoregressive_tokens(target, prompt_tokens, prompt_lengths, max_new_tokens,
                                      sampling, key, stop_tokens, limit, pad_id), None
+    from jaxspec.sharding import constrain_batch  # no-op unless a mesh is active
+    prompt_tokens, prompt_lengths = constrain_batch(prompt_tokens, prompt_lengths)
     batch, tp = prompt_tokens.shape
+    if rule == "auto" and not sampling.greedy:
+        rule = getattr(drafter, "rule", "auto")
     tree = drafter.tree
     n, depth_max = tree.num_nodes, tree.max_depth
     max_children = tree.max_children
@@ -133,6 +149,8 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
     output = TokenOutput(tokens=state["out"][:, :max_new_tokens], lengths=state["n_out"],
                          target_steps=steps, drafted=drafted, accepted=acc,
                          accepted_by_position=by_pos)
+    if return_cache:
+        return output, state["dstate"], state["cache"]
     return output, state["dstate"]
 
 
@@ -140,9 +158,9 @@ def _is_chain(tree) -> bool:
     return isinstance(tree, TreeSpec) and tree.max_children <= 1
 
 
-def speculative_program(max_new_tokens, pad_id, target, drafter, prompt_tokens, prompt_lengths,
-                        sampling, key, stop_tokens, limit, drafter_state):
+def speculative_program(max_new_tokens, pad_id, mesh, target, drafter, prompt_tokens,
+                        prompt_lengths, sampling, key, stop_tokens, limit, drafter_state):
     """The jitted program behind js.generate(..., drafter=...)."""
     return generate_tokens(target, drafter, prompt_tokens, prompt_lengths, max_new_tokens,
                            sampling, key, stop_tokens=stop_tokens, limit=limit, pad_id=pad_id,
-                           drafter_state=drafter_state)
+                           drafter_state=drafter_state, mesh=mesh)

@@ -106,6 +106,11 @@ def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
+def log(console, msg: str) -> None:
+    """Plain text (no rich markup, one line) so logs read the same on a terminal and in a file."""
+    console.print(msg, markup=False, highlight=False, soft_wrap=True)
+
+
 def cast_params(params, dtype):
     return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                                   params)
@@ -130,7 +135,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, *extra)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
+        metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads)}  # aux may refine "loss"
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
@@ -213,7 +218,7 @@ def train(params, model_config: ModelConfig, data: BatchSource, cfg: TrainConfig
         state, meta = ckpt.restore(latest, state, expect={
             "model_config": config_meta, "schedule": cfg.schedule_dict()})
         position = int(meta["data_position"])
-        console.print(f"[{name}] resumed from step {latest} in {ckpt.directory} "
+        log(console, f"[{name}] resumed from step {latest} in {ckpt.directory} "
                       f"(data position {position})")
     state = jax.tree_util.tree_map(jnp.asarray, state)
 
@@ -231,7 +236,7 @@ def train(params, model_config: ModelConfig, data: BatchSource, cfg: TrainConfig
     finished = step0 >= cfg.max_steps
     last_saved = step0
     deadline = start + cfg.max_minutes * 60 if cfg.max_minutes is not None else None
-    progress = Progress(TextColumn(f"[{name}]"), BarColumn(), MofNCompleteColumn(),
+    progress = Progress(TextColumn(f"\\[{name}]"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                         console=console, disable=quiet, transient=False)
     try:
@@ -240,7 +245,7 @@ def train(params, model_config: ModelConfig, data: BatchSource, cfg: TrainConfig
             t_log, last_log_step = time.time(), step0
             while int(state.step) < cfg.max_steps:
                 if deadline is not None and time.time() > deadline:
-                    console.print(f"[{name}] time budget of {cfg.max_minutes} min reached at "
+                    log(console, f"[{name}] time budget of {cfg.max_minutes} min reached at "
                                   f"step {int(state.step)}")
                     break
                 batch, position = data.batch(position)
@@ -259,14 +264,14 @@ def train(params, model_config: ModelConfig, data: BatchSource, cfg: TrainConfig
                     info = " ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "grad_norm")
                     progress.update(task, completed=step, info=info)
                     if not console.is_terminal:
-                        console.print(f"[{name}] step {step}/{cfg.max_steps} {info} "
+                        log(console, f"[{name}] step {step}/{cfg.max_steps} {info} "
                                       f"elapsed {now - start:.0f}s")
                 else:
                     progress.update(task, completed=step)
                 if eval_batches and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                     ev = evaluate(state.params, eval_batches, *extra)
                     evals.append((step, ev))
-                    console.print(f"[{name}] step {step} held-out " +
+                    log(console, f"[{name}] step {step} held-out " +
                                   " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
                 if step % cfg.checkpoint_every == 0:
                     save()

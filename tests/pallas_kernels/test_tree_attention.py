@@ -139,6 +139,26 @@ def test_attention_pallas_interpret_matches_xla(mask_kind):
     assert_close(actual, expected, jnp.float32)
 
 
+@pytest.mark.parametrize("change, message", [
+    (dict(k_heads=4), "multiple of kv heads"),
+    (dict(mask_t=3), "mask must be"),
+    (dict(lengths_b=1), "lengths must be"),
+    (dict(kwargs=dict(backend="npu")), "unknown backend"),
+    (dict(kwargs=dict(backend="gpu", block_k=48)), "powers of two"),
+    (dict(kwargs=dict(backend="tpu", block_k=64)), "block_k % 128"),
+    (dict(kwargs=dict(num_splits=0)), "num_splits"),
+])
+def test_bad_input_is_refused(change, message):
+    q = jnp.zeros((2, 4, 6, 64))
+    k = jnp.zeros((2, 32, change.get("k_heads", 2), 64))
+    t = change.get("mask_t", 4)
+    mask = jnp.ones((2, t, t), bool)
+    lengths = jnp.zeros((change.get("lengths_b", 2),), jnp.int32)
+    with pytest.raises(ValueError, match=message):
+        tree_attention(q, k, k, lengths, mask, scale=0.1, interpret=True,
+                       **change.get("kwargs", {}))
+
+
 # ----------------------------------------------------------------------------------------------
 # Lowering on CPU for the real targets: catches block-shape and primitive errors that interpret
 # mode does not.

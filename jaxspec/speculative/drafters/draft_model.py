@@ -10,6 +10,9 @@ after a fully accepted round and shrinks by 1 otherwise (HF assisted generation'
 and stops a row early once the draft's own probability of the whole run drops below
 `1 - stop_threshold` (the SpecDec++ rule with the draft's probabilities standing in for a trained
 acceptance head). Drafting is a while_loop that exits as soon as every row has stopped.
+
+tree=TreeSpec (branching) or tree=trees.dynamic(...) drafts a tree instead, one draft forward per
+level; see draft_model_tree.py. tree=chain(n) is the same as num_tokens=n.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from jaxspec.models.cache import KVCache
 from jaxspec.models.transformer import Model, forward
 from jaxspec.sampling import Sampling, probabilities, sample
 from jaxspec.speculative.draft import Context, Draft
+from jaxspec.speculative.drafters import draft_model_tree
 from jaxspec.speculative.drafters.base import check_num_tokens, check_same_vocabulary
-from jaxspec.speculative.trees import TreeSpec, chain
+from jaxspec.speculative.trees import DynamicTree, TreeSpec, chain
 
 
 @struct.dataclass
@@ -38,6 +42,7 @@ class DraftModel:
     num_tokens: int | str = struct.field(pytree_node=False, default=5)
     max_tokens: int = struct.field(pytree_node=False, default=8)
     stop_threshold: float | None = struct.field(pytree_node=False, default=0.7)
+    tree: TreeSpec | DynamicTree | None = struct.field(pytree_node=False, default=None)
 
     def __post_init__(self):
         if not isinstance(self.model, Model):
@@ -49,6 +54,36 @@ class DraftModel:
             check_num_tokens(self.num_tokens)
         if self.stop_threshold is not None and not 0.0 < self.stop_threshold < 1.0:
             raise ValueError(f"stop_threshold must be in (0, 1) or None, got {self.stop_threshold}")
+        tree = self.tree
+        if tree is None:
+            object.__setattr__(self, "tree", chain(self.k))
+        elif not isinstance(tree, (TreeSpec, DynamicTree)):
+            raise ValueError(f"tree must be a js.trees TreeSpec (chain, kary, from_paths, ...) or "
+                             f"js.trees.dynamic(...), got {type(tree).__name__}")
+        elif isinstance(tree, TreeSpec) and tree.max_children <= 1:   # a chain
+            if self.adaptive:
+                if tree.max_depth != self.max_tokens:
+                    raise ValueError("num_tokens='auto' drafts an adaptive chain; it cannot be "
+                                     "combined with tree=...")
+            elif tree.max_depth < 1:
+                raise ValueError("tree=chain(0) drafts nothing; use a chain of >= 1 tokens")
+            else:
+                object.__setattr__(self, "num_tokens", tree.max_depth)
+        elif self.adaptive:
+            raise ValueError("num_tokens='auto' drafts an adaptive chain; it cannot be combined "
+                             "with a branching tree=...")
+
+    @property
+    def branching(self) -> bool:
+        """True when drafting a tree (static with branches, or dynamic) rather than a chain."""
+        return isinstance(self.tree, DynamicTree) or self.tree.max_children > 1
+
+    @property
+    def rule(self) -> str:
+        """Verification rule at temperature > 0: static trees are Gumbel-top-k (without
+        replacement) draws, verified by "speculative_wor"; chains and dynamic trees (one-hot,
+        deterministic candidates) use the default."""
+        return "speculative_wor" if isinstance(self.tree, TreeSpec) and self.branching else "auto"
 
     @property
     def adaptive(self) -> bool:
@@ -59,20 +94,19 @@ class DraftModel:
         """Static maximum number of draft tokens per round."""
         return self.max_tokens if self.adaptive else self.num_tokens
 
-    @property
-    def tree(self) -> TreeSpec:
-        return chain(self.k)
-
     def cache_slack(self) -> int:
-        return self.k + 1
+        """Positions past the committed length one step uses (the deepest node's, plus one)."""
+        return self.tree.max_depth + 1
 
     def check_compatible(self, target: Model) -> None:
         check_same_vocabulary(target, self.model)
-        if self.k + 1 > self.model.config.max_position_embeddings:
+        if self.tree.max_depth + 1 > self.model.config.max_position_embeddings:
             raise ValueError(f"num_tokens={self.k} is larger than the draft model's context allows")
 
     def init(self, target: Model, prompt_tokens, prompt_lengths, max_len: int, state=None):
         """Prefill the draft's cache with the prompts. prompt_tokens: [B, Tp]."""
+        if self.branching:
+            return draft_model_tree.init(self, target, prompt_tokens, prompt_lengths, max_len, state)
         batch, tp = prompt_tokens.shape
         cache = KVCache.create(self.model.config, batch, max_len, self.model.dtype)
         positions = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), (batch, tp))
@@ -90,6 +124,10 @@ class DraftModel:
         return jnp.pad(logits, pad, constant_values=-jnp.inf)
 
     def propose(self, state: DraftModelState, ctx: Context, sampling: Sampling, key, vocab: int):
+        if self.branching:
+            propose = (draft_model_tree.propose_dynamic if isinstance(self.tree, DynamicTree)
+                       else draft_model_tree.propose_static)
+            return propose(self, state, ctx, sampling, key, vocab)
         batch = ctx.length.shape[0]
         k, n = self.k, self.k + 1
         rows = jnp.arange(batch)
@@ -143,6 +181,8 @@ class DraftModel:
         return draft, state.replace(cache=cache.replace(lengths=committed))
 
     def commit(self, state: DraftModelState, ctx: Context, draft: Draft, verdict, target_logits):
+        if self.branching:
+            return draft_model_tree.commit(self, state, ctx, draft, verdict)
         if not self.adaptive:
             return state
         drafted = jnp.sum(draft.valid, axis=1) - 1                                 # [B]

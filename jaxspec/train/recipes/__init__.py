@@ -1,0 +1,1 @@
+"""Reproducible training recipes (`python -m jaxspec.train.recipes.<name>`)."""
