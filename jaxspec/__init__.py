@@ -11,9 +11,9 @@ from jaxspec.models.default import load_default
 from jaxspec.sampling import Sampling
 from jaxspec import speculative
 from jaxspec.speculative import trees
-from jaxspec.speculative.drafters import DraftModel, PromptLookup
+from jaxspec.speculative.drafters import DraftModel, PromptLookup, TokenRecycling
 from jaxspec import sharding
 from jaxspec.sharding import make_mesh, shard
 
-__all__ = ["DraftModel", "GenerateOutput", "PromptLookup", "speculative", "trees", "KVCache", "Model", "ModelConfig", "Sampling",
+__all__ = ["DraftModel", "TokenRecycling", "GenerateOutput", "PromptLookup", "speculative", "trees", "KVCache", "Model", "ModelConfig", "Sampling",
            "autoregressive_tokens", "forward", "generate", "load", "make_mesh", "shard", "sharding", "load_default", "save"]

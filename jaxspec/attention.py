@@ -17,12 +17,19 @@ IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret")
 
 _NEG = -1e30  # finite "minus infinity": a query with nothing visible gives zeros, not NaN
 
+# Backends on which the Pallas kernel has been compiled and checked against the reference on
+# real hardware (benchmarks/gpu_tree_attention.py). "auto" picks Pallas only there: the kernel
+# lowers for both TPU (Mosaic) and GPU (Triton) in the CPU test suite, but lowering does not run
+# the backend compilers, so an unverified kernel must not become every GPU user's default.
+PALLAS_VERIFIED_BACKENDS: frozenset = frozenset()
+
 
 def resolve_impl(impl: str) -> str:
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLEMENTATIONS}")
     if impl == "auto":
-        return "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "xla"
+        backend = {"cuda": "gpu", "rocm": "gpu"}.get(jax.default_backend(), jax.default_backend())
+        return "pallas" if backend in PALLAS_VERIFIED_BACKENDS else "xla"
     return impl
 
 

@@ -263,12 +263,13 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64,
         from jaxspec.sharding import prepare_generate
         model, drafter, drafter_state, (prompt_tokens, prompt_lengths, limit) = prepare_generate(
             mesh, model, drafter, drafter_state, (prompt_tokens, prompt_lengths, limit))
+    program_model = model.replace(tokenizer=None)  # host-only: not part of the program's key
     if drafter is None:
-        args = (model, prompt_tokens, prompt_lengths, sampling, key, stops, limit)
+        args = (program_model, prompt_tokens, prompt_lengths, sampling, key, stops, limit)
         program, compile_s = PROGRAMS.get("autoregressive", _autoregressive_program, (m, pad, mesh), args)
     else:
         from jaxspec.speculative.loop import speculative_program
-        args = (model, drafter, prompt_tokens, prompt_lengths, sampling, key, stops, limit,
+        args = (program_model, drafter, prompt_tokens, prompt_lengths, sampling, key, stops, limit,
                 drafter_state)
         program, compile_s = PROGRAMS.get("speculative", speculative_program, (m, pad, mesh), args)
     start = time.perf_counter()

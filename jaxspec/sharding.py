@@ -155,7 +155,7 @@ def check_mesh(config, mesh: Mesh, batch: int | None = None, replicate: bool = F
                 ok = [d for d in range(1, m + 1) if size % d == 0 and m % d == 0]
                 raise ValueError(
                     f"mesh axis {MODEL!r} has size {m}, which does not divide {name}={size} of "
-                    f"the model: the {what} are split across {MODEL!r}. Use a {MODEL!r} size "
+                    f"the model: jaxspec splits the {what} across {MODEL!r}. Use a {MODEL!r} size "
                     f"that divides {size} (e.g. {ok[-1]}) and put the other devices on {DATA!r}, "
                     f"or replicate the model (replicate=True)")
     if batch is not None:

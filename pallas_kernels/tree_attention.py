@@ -435,10 +435,10 @@ def tree_attention(q, k, v, lengths, mask, *, scale, interpret=False, backend=No
     means 1 on TPU and an occupancy heuristic on GPU.
     """
     batch, new, q_heads, head_dim = q.shape
-    slots, kv_heads = k.shape[1], k.shape[2]
-    if k.shape != (batch, slots, kv_heads, head_dim) or v.shape != k.shape:
-        raise ValueError(f"k and v must be [B, S, Hkv, D] = {(batch, '*', '*', head_dim)}; "
+    if k.ndim != 4 or (k.shape[0], k.shape[3]) != (batch, head_dim) or v.shape != k.shape:
+        raise ValueError(f"k and v must both be [B, S, Hkv, D] with B = {batch}, D = {head_dim}; "
                          f"got {k.shape} and {v.shape}")
+    slots, kv_heads = k.shape[1], k.shape[2]
     if q_heads % kv_heads:
         raise ValueError(f"query heads ({q_heads}) must be a multiple of kv heads ({kv_heads})")
     if mask.shape != (batch, new, new):

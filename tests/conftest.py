@@ -20,7 +20,7 @@ import pytest
 
 VOCAB = 128
 MAX_POSITIONS = 128
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")  # = jaxspec.models.SUPPORTED_FAMILIES
 
 _NO_SPECIAL = dict(eos_token_id=None, bos_token_id=None, pad_token_id=None)
 
@@ -121,7 +121,9 @@ class _Checkpoints:
             _legacy_rope_layout(path)
         hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                      attn_implementation="eager").eval()
-        return Checkpoint(family=family, path=path, hf=hf, model=js.load(path))
+        model = js.load(path)
+        assert model.config.vocab_size == VOCAB
+        return Checkpoint(family=family, path=path, hf=hf, model=model)
 
 
 @pytest.fixture(scope="session")
@@ -129,7 +131,9 @@ def checkpoints(tmp_path_factory):
     """checkpoints[family] -> Checkpoint, each built on first use and kept for the session."""
     import torch
 
-    torch.set_num_threads(2)
+    # One thread: on a loaded 2-core machine torch's spinning worker threads make tiny-model
+    # generate ~15x slower.
+    torch.set_num_threads(1)
     return _Checkpoints(tmp_path_factory.mktemp("hf_checkpoints"))
 
 
@@ -147,4 +151,4 @@ def word_tokenizer():
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
+    return PreTrainedTokenizerFast(tokenizer_object=tok)  # no special tokens: decode keeps all

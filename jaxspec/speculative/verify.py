@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jaxspec.sampling import Sampling, probabilities, sample_from_probs
@@ -56,7 +57,7 @@ class _Tree:
     ancestors: jax.Array  # [B, N, N] bool, row i true at i's ancestors, i itself and the root
     depth: jax.Array      # [B, N] int32
     live: jax.Array       # [B, N] bool, node and all its ancestors valid (root always live)
-    rank: jax.Array       # [B, N] int32, rank among live siblings in node order; -1 if not live/root
+    rank: jax.Array       # [B, N] int32, rank among live siblings in node order; -1: dead/root
 
 
 def _tree(draft: Draft, max_depth: int) -> _Tree:
@@ -72,8 +73,9 @@ def _tree(draft: Draft, max_depth: int) -> _Tree:
     valid = draft.valid.astype(bool) | (nodes == 0)  # [B, N]
     live = ancestors[..., 0] & jnp.all(ancestors <= valid[:, None, :], axis=-1)
     depth = jnp.sum(ancestors, axis=-1, dtype=jnp.int32) - 1
-    earlier_sibling = ((parents[:, :, None] == parents[:, None, :]) & (nodes[None, :] < nodes[:, None])
-                       & live[:, None, :])  # [B, N, N]: [b, i, j] j is a live sibling before i
+    # [B, N, N]: [b, i, j] = j is a live sibling of i that comes before it
+    earlier_sibling = ((parents[:, :, None] == parents[:, None, :])
+                       & (nodes[None, :] < nodes[:, None]) & live[:, None, :])
     rank = jnp.where(live & (nodes > 0), jnp.sum(earlier_sibling, -1, dtype=jnp.int32), -1)
     return _Tree(parent=jnp.maximum(parents, 0), ancestors=ancestors, depth=depth, live=live,
                  rank=rank)
@@ -103,6 +105,7 @@ def _deepest_accepted(tree: _Tree, ok: jax.Array) -> jax.Array:
 
 
 def _greedy(draft: Draft, target_logits: jax.Array, max_depth: int) -> Verdict:
+    """Deepest node whose every token is the target's argmax at its parent; then that argmax."""
     tree = _tree(draft, max_depth)
     top = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, N]
     ok = draft.tokens == jnp.take_along_axis(top, tree.parent, axis=1)
@@ -112,6 +115,7 @@ def _greedy(draft: Draft, target_logits: jax.Array, max_depth: int) -> Verdict:
 
 def _typical(draft: Draft, target_logits: jax.Array, sampling: Sampling, max_depth: int,
              eps, delta) -> Verdict:
+    """Medusa typical acceptance: p(x) > min(eps, delta * exp(-H(p))) along the path; argmax."""
     tree = _tree(draft, max_depth)
     p = probabilities(target_logits, sampling)  # [B, N, V]
     entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), -1)  # [B, N]
@@ -141,7 +145,7 @@ def _check(rule: str, draft: Draft, target_logits: jax.Array, max_depth, max_chi
         raise ValueError(f"draft.q must be [B, N, V] = {list(target_logits.shape)} like the target "
                          f"logits (same vocabulary), got shape {draft.q.shape}")
     for name, value in (("max_depth", max_depth), ("max_children", max_children)):
-        if not isinstance(value, int) or value < 0:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be a static int >= 0, got {value!r}")
 
 
@@ -228,8 +232,9 @@ def verify(rule: str, draft: Draft, target_logits: jax.Array, sampling: Sampling
     "greedy" and "typical" are deterministic; "typical" (Medusa: accept token x if
     p(x) > min(eps, delta * exp(-H(p))), keep the longest accepted path, then emit argmax p)
     is LOSSY at temperature > 0: its output is not the target's distribution. It equals greedy at
-    temperature 0. "speculative" and "speculative_wor" are lossless for drafts whose siblings
-    were proposed i.i.d. (or independently, per node) / without replacement from their q.
+    temperature 0. "speculative" is lossless for siblings proposed i.i.d. (or independently, each
+    from its own q); "speculative_wor" for siblings drawn without replacement, and also for i.i.d.
+    or independent siblings (a duplicate is skipped, a fresh token is a draw from the reduced q).
     """
     _check(rule, draft, target_logits, max_depth, max_children)
     if rule == "auto":

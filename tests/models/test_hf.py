@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 import jaxspec as js
 
-from conftest import VOCAB
+VOCAB = 128  # the vocabulary of every conftest checkpoint
 
 IDS = [5, 17, 99, 3, 64, 64, 120, 0, 41]
 

@@ -141,6 +141,7 @@ def test_attention_pallas_interpret_matches_xla(mask_kind):
 
 @pytest.mark.parametrize("change, message", [
     (dict(k_heads=4), "multiple of kv heads"),
+    (dict(k_dim=32), "k and v must"),
     (dict(mask_t=3), "mask must be"),
     (dict(lengths_b=1), "lengths must be"),
     (dict(kwargs=dict(backend="npu")), "unknown backend"),
@@ -150,7 +151,7 @@ def test_attention_pallas_interpret_matches_xla(mask_kind):
 ])
 def test_bad_input_is_refused(change, message):
     q = jnp.zeros((2, 4, 6, 64))
-    k = jnp.zeros((2, 32, change.get("k_heads", 2), 64))
+    k = jnp.zeros((2, 32, change.get("k_heads", 2), change.get("k_dim", 64)))
     t = change.get("mask_t", 4)
     mask = jnp.ones((2, t, t), bool)
     lengths = jnp.zeros((change.get("lengths_b", 2),), jnp.int32)

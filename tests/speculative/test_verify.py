@@ -53,7 +53,8 @@ def _verify(rule, draft, logits, sampling=Sampling(), key=jax.random.key(0), **k
 R = ROOT_TOKEN
 GREEDY_CASES = {
     "chain all accepted": ((-1, 0, 1, 2), (R, 5, 6, 7), None, (5, 6, 7, 8), ((0, 1, 2, 3), 3, 8)),
-    "chain second rejected": ((-1, 0, 1, 2), (R, 5, 9, 7), None, (5, 6, 7, 8), ((0, 1, 0, 0), 1, 6)),
+    "chain second rejected": ((-1, 0, 1, 2), (R, 5, 9, 7), None, (5, 6, 7, 8),
+                              ((0, 1, 0, 0), 1, 6)),
     "chain first rejected": ((-1, 0, 1, 2), (R, 4, 6, 7), None, (5, 6, 7, 8), ((0, 0, 0, 0), 0, 5)),
     "chain padded tail": ((-1, 0, 1, 2), (R, 5, 6, 7), (1, 1, 1, 0), (5, 6, 7, 8),
                           ((0, 1, 2, 0), 2, 7)),
@@ -163,7 +164,8 @@ def _topology(name):
 def _enumerate(name, scheme, target_table, q_ctx, q_node):
     """All drafts of a topology: tokens [M, N], their probability [M], stored q [M, N, V] | None."""
     parents, valid, depth, _, drafted = _topology(name)
-    combos = np.array(list(itertools.product(range(V), repeat=len(drafted))), int).reshape(-1, len(drafted))
+    combos = np.array(list(itertools.product(range(V), repeat=len(drafted))), int)
+    combos = combos.reshape(-1, len(drafted))
     tokens = np.zeros((M, N), int)
     tokens[:, 0] = ROOT_TOKEN
     tokens[:len(combos), drafted] = combos
@@ -393,7 +395,7 @@ def test_bad_rule_name():
     with pytest.raises(ValueError, match="unknown verification rule 'nope'; expected one of "
                                          "greedy, speculative, speculative_wor, typical, auto"):
         verify("nope", draft, logits, FILTERED, jax.random.key(0), max_depth=1, max_children=1)
-    with pytest.raises(ValueError, match="lossless rules speculative, speculative_wor; got 'greedy'"):
+    with pytest.raises(ValueError, match="rules speculative, speculative_wor; got 'greedy'"):
         outcome_distribution("greedy", draft, logits, FILTERED, max_depth=1, max_children=1)
 
 

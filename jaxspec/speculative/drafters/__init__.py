@@ -2,5 +2,6 @@
 
 from jaxspec.speculative.drafters.draft_model import DraftModel
 from jaxspec.speculative.drafters.prompt_lookup import PromptLookup
+from jaxspec.speculative.drafters.token_recycling import TokenRecycling
 
-__all__ = ["DraftModel", "PromptLookup"]
+__all__ = ["DraftModel", "PromptLookup", "TokenRecycling"]

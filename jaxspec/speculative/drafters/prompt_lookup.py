@@ -4,6 +4,14 @@ Training-free and deterministic (no q: verified as one-hot proposals, which stay
 The search is a fixed-size comparison over the static history buffer: for n = ngram down to 1,
 every window of the history is compared with the row's last n tokens, the latest match wins, and
 its continuation (up to num_tokens tokens, never past the committed history) is proposed.
+
+num_candidates=c > 1 proposes a tree: the continuations of the c best distinct matches (longer
+n-gram first, then the most recent; distinct = different continuation starts), one branch each
+under the root. Branches that begin with the same tokens are merged into a trie (a node whose
+path from the root equals an earlier branch's is dropped and its child re-attached to that
+branch's node), so siblings always carry distinct tokens. The topology is per row
+(`trees.dynamic(c * num_tokens, num_tokens, c)`: node 1 + j * num_tokens + d is depth d + 1 of
+branch j), and parents always precede children.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from flax import struct
 
 from jaxspec.speculative.draft import Context, Draft
 from jaxspec.speculative.drafters.base import check_num_tokens
-from jaxspec.speculative.trees import TreeSpec, chain
+from jaxspec.speculative.trees import DynamicTree, TreeSpec, chain, dynamic
 
 
 def find_continuation(history: jax.Array, length: jax.Array, ngram: int, num_tokens: int):
@@ -43,19 +51,49 @@ def find_continuation(history: jax.Array, length: jax.Array, ngram: int, num_tok
     return start.astype(jnp.int32), found
 
 
+def find_continuations(history: jax.Array, length: jax.Array, ngram: int, count: int):
+    """The `count` best distinct continuation starts: longest match first, then latest.
+
+    history: [B, H] int32; length: [B]. Returns (start [B, count] int32, found [B, count] bool).
+    count=1 agrees with `find_continuation`.
+    """
+    batch, h = history.shape
+    rows = jnp.arange(batch)
+    idx = jnp.arange(h)[None, :]                                            # [1, H]
+    best = jnp.zeros((batch, h), jnp.int32)   # per continuation start: the longest n matching
+    for n in range(ngram, 0, -1):
+        tail = history[rows[:, None], jnp.maximum(length[:, None] - n + jnp.arange(n), 0)]  # [B, n]
+        match = jnp.ones((batch, h), bool)
+        for j in range(n):
+            match &= jnp.roll(history, -j, axis=1) == tail[:, j:j + 1]
+        match &= (idx + n < length[:, None]) & (length[:, None] >= n + 1)
+        # window [i, i + n) -> continuation start i + n (never wraps: i + n < length <= H)
+        starts = jnp.roll(match, n, axis=1)
+        best = jnp.where((best == 0) & starts, n, best)
+    key = jnp.where(best > 0, best * h + idx, -1)                            # [B, H]
+    value, start = jax.lax.top_k(key, count)                                 # [B, count]
+    return start.astype(jnp.int32), value >= 0
+
+
 @struct.dataclass
 class PromptLookup:
     ngram: int = struct.field(pytree_node=False, default=3)
     num_tokens: int = struct.field(pytree_node=False, default=8)
+    num_candidates: int = struct.field(pytree_node=False, default=1)
 
     def __post_init__(self):
         if isinstance(self.ngram, bool) or not isinstance(self.ngram, int) or not 1 <= self.ngram <= 16:
             raise ValueError(f"ngram must be an integer in [1, 16], got {self.ngram!r}")
         check_num_tokens(self.num_tokens)
+        c = self.num_candidates
+        if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 64:
+            raise ValueError(f"num_candidates must be an integer in [1, 64], got {c!r}")
 
     @property
-    def tree(self) -> TreeSpec:
-        return chain(self.num_tokens)
+    def tree(self) -> TreeSpec | DynamicTree:
+        if self.num_candidates == 1:
+            return chain(self.num_tokens)
+        return dynamic(self.num_candidates * self.num_tokens, self.num_tokens, self.num_candidates)
 
     def cache_slack(self) -> int:
         return self.num_tokens + 1
@@ -67,6 +105,8 @@ class PromptLookup:
         return state
 
     def propose(self, state, ctx: Context, sampling, key, vocab: int):
+        if self.num_candidates > 1:
+            return self._propose_tree(ctx), state
         batch = ctx.length.shape[0]
         k, h = self.num_tokens, ctx.history.shape[1]
         rows = jnp.arange(batch)
@@ -80,6 +120,31 @@ class PromptLookup:
         valid = jnp.concatenate([jnp.ones((batch, 1), bool), ok], axis=1)
         parents = jnp.broadcast_to(jnp.arange(-1, k, dtype=jnp.int32), (batch, k + 1))
         return Draft(tokens=tokens, parents=parents, valid=valid, q=None), state
+
+    def _propose_tree(self, ctx: Context) -> Draft:
+        batch = ctx.length.shape[0]
+        k, c, h = self.num_tokens, self.num_candidates, ctx.history.shape[1]
+        rows = jnp.arange(batch)
+        start, found = find_continuations(ctx.history, ctx.length, self.ngram, c)  # [B, c]
+        offsets = start[:, :, None] + jnp.arange(k)                            # [B, c, k]
+        branch = ctx.history[rows[:, None, None], jnp.clip(offsets, 0, h - 1)]  # [B, c, k]
+        ok = found[:, :, None] & (offsets < ctx.length[:, None, None]) & ctx.active[:, None, None]
+        ok = jnp.cumprod(ok, axis=2).astype(bool)
+        # same[b, j, i, d]: branches j and i agree (and are proposed) on depths 0..d.
+        same = (branch[:, :, None] == branch[:, None, :]) & ok[:, :, None] & ok[:, None, :]
+        same = jnp.cumprod(same, axis=3).astype(bool)                           # [B, c, c, k]
+        canonical = jnp.argmax(same, axis=2).astype(jnp.int32)                  # [B, c, k] first i
+        keep = ok & (canonical == jnp.arange(c)[None, :, None])
+        # Node (j, d) sits at 1 + j * k + d; its parent is the canonical node one level up.
+        canonical_node = 1 + canonical * k + jnp.arange(k, dtype=jnp.int32)   # [B, c, k]
+        parent = jnp.concatenate([jnp.zeros((batch, c, 1), jnp.int32), canonical_node[:, :, :-1]],
+                                 axis=2)                                        # [B, c, k]
+        root = ctx.history[rows, ctx.length - 1]
+        tokens = jnp.concatenate([root[:, None], jnp.where(keep, branch, 0).reshape(batch, -1)], 1)
+        valid = jnp.concatenate([jnp.ones((batch, 1), bool), keep.reshape(batch, -1)], axis=1)
+        parents = jnp.concatenate([jnp.full((batch, 1), -1, jnp.int32),
+                                   parent.reshape(batch, -1).astype(jnp.int32)], axis=1)
+        return Draft(tokens=tokens, parents=parents, valid=valid, q=None)
 
     def commit(self, state, ctx, draft, verdict, target_logits):
         return state
