@@ -80,6 +80,12 @@ class BatchSource(Protocol):
     def batch(self, position: int) -> tuple[np.ndarray, int]: ...
 
 
+def _tree_norm(tree):
+    """Global L2 norm (optax.tree.norm where present; optax.global_norm is deprecated)."""
+    tree_mod = getattr(optax, "tree", None)
+    return tree_mod.norm(tree) if tree_mod is not None and hasattr(tree_mod, "norm") else optax.global_norm(tree)
+
+
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
     warmup = min(cfg.warmup_steps, max(cfg.max_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
@@ -135,7 +141,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, *extra)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads)}  # aux may refine "loss"
+        metrics = {"loss": loss, **aux, "grad_norm": _tree_norm(grads)}  # aux may refine "loss"
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
@@ -282,7 +288,6 @@ def train(params, model_config: ModelConfig, data: BatchSource, cfg: TrainConfig
     finally:
         if ckpt is not None:
             ckpt.close()
-    steps_done = int(state.step) - step0
     return RunResult(params=state.params, step=int(state.step), data_position=position,
                      finished=finished, history=history, evals=evals,
                      tokens_seen=int(state.step) * (tokens_per_step or 0),

@@ -5,9 +5,13 @@ on any of them compiles to the same program as on the others: the params are pyt
 Compilation dominates the runtime of these tests on CPU, so the tests reuse a handful of
 program shapes: batch 3, prompt bucket 16, max_new_tokens bucket 16.
 
-The LM head is scaled up so the next-token distribution is peaked (logit std ~1.3 instead of
-~0.1 at the default init): greedy outputs settle into short cycles that prompt lookup can
-exploit, and at temperature 0.8 top-k / top-p actually remove tokens.
+At the default init (std 0.02) such a model is nearly a bigram model: attention is almost
+uniform, so a wrong KV cache slot or a position off by one rarely changes its output, and
+exactness tests would not see such bugs. `make_model` therefore scales the attention
+projections (q, k by 12: sharp, position-sensitive attention; v, o by 4) and the LM head (by 12:
+logit std ~1.3, so at temperature 0.8 top-k / top-p actually remove tokens). Then the argmax
+after a token changes with the earlier context for ~90% of random contexts, and moving only
+the last token's position by one changes it for ~35%.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ VOCAB = 32
 MAX_POSITIONS = 64
 MAX_NEW = 16          # = the smallest max_new_tokens bucket, so every greedy run shares one
 LM_HEAD_SCALE = 12.0
+QK_SCALE, VO_SCALE = 12.0, 4.0
 
 # Ragged prompts (lengths 1, 6 and 13: one prompt bucket of 16), the second repetitive.
 PROMPTS = [[5], [3, 9, 3, 9, 3, 9], list(range(1, 14))]
@@ -41,11 +46,17 @@ def _with_lm_head(model, kernel):
 
 
 def make_model(seed: int, vocab: int = VOCAB):
-    """A random tiny llama with a peaked next-token distribution."""
+    """A random tiny llama: context-sensitive, with a peaked next-token distribution."""
     from jaxspec.models import create
 
     model = create(_config(vocab), seed)
-    return _with_lm_head(model, model.params["lm_head"]["kernel"] * LM_HEAD_SCALE)
+    params = dict(model.params)
+    layers = dict(params["layers"])
+    for name, scale in (("q", QK_SCALE), ("k", QK_SCALE), ("v", VO_SCALE), ("o", VO_SCALE)):
+        layers[name] = {"kernel": layers[name]["kernel"] * scale}
+    params["layers"] = layers
+    params["lm_head"] = {"kernel": params["lm_head"]["kernel"] * LM_HEAD_SCALE}
+    return model.replace(params=params)
 
 
 def make_tokenizer(words):

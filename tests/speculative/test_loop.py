@@ -82,13 +82,53 @@ def test_greedy_output_is_the_targets(name, tiny, target, unrelated_draft, greed
         assert s["drafted"] == s["accepted"] == [K * rounds] * 3
         assert s["accepted_by_position"] == [[rounds] * K] * 3
     elif name == "auto,draft=target":
-        assert s["acceptance_rate"] == 1.0 and s["mean_accepted"] > 1.0
+        # The confidence rule may stop a run early, but every drafted token is accepted.
+        assert s["acceptance_rate"] == 1.0 and s["mean_accepted"] >= 1.0
     elif name.startswith("auto") or name == "unrelated":
         assert s["acceptance_rate"] < 0.1, "an unrelated random draft should almost never agree"
         if name == "unrelated":
             assert s["target_steps"] == [tiny.max_new] * 3       # one token per target step
-    else:  # prompt lookup: the outputs settle into cycles, so the lookup does find matches
-        assert s["mean_accepted"] > 0.5
+    else:  # prompt lookup: the outputs repeat themselves, so the lookup does find matches
+        assert s["mean_accepted"] > 0.2
+
+
+def test_draft_model_drafts_from_the_committed_context(tiny, target, related_draft, greedy_ref):
+    """Partial acceptance: the draft's cache is rolled back to the committed prefix every round.
+
+    The related draft agrees with the target now and then (acceptance ~0.1 at temperature 0,
+    runs of up to 3). Its proposals must be its own greedy continuation of the committed text,
+    so the rounds can be replayed offline from one cache-free forward pass of the draft over
+    prompt + reference output: the target steps and the per-position accepted counts must match
+    (the last round may accept drafts past the limit, which the replay cannot see). Exactness
+    alone would not notice a stale draft cache, only lower acceptance.
+    """
+    out = js.generate(target, tiny.prompts, max_new_tokens=tiny.max_new,
+                      drafter=js.DraftModel(related_draft, num_tokens=K))
+    np.testing.assert_array_equal(out.tokens, greedy_ref.tokens)
+    seqs = [p + row.tolist() for p, row in zip(tiny.prompts, greedy_ref.tokens)]
+    padded = np.zeros((len(seqs), max(map(len, seqs))), np.int32)   # right padding: causal, inert
+    for r, s in enumerate(seqs):
+        padded[r, :len(s)] = s
+    logits, _ = jax.jit(forward_train, static_argnums=1)(related_draft.params,
+                                                         related_draft.config, padded)
+    guess = np.asarray(jnp.argmax(logits, axis=-1))      # [B, T]: the draft's token after each
+    m = tiny.max_new
+    for r, (prompt, ref) in enumerate(zip(tiny.prompts, greedy_ref.tokens)):
+        n, steps, by_position = 1, 1, np.zeros(K, int)
+        while n < m:       # a round: root ref[n - 1] sits at index len(prompt) + n - 1
+            before, acc = by_position.copy(), 0
+            while acc < K and n + acc < m and guess[r, len(prompt) + n - 1 + acc] == ref[n + acc]:
+                acc += 1
+            by_position[:acc] += 1
+            cut = n + acc == m and acc < K                # stopped by the limit, not a mismatch
+            n, steps = n + acc + 1, steps + 1
+        assert out.stats["target_steps"][r] == steps
+        last = np.asarray(out.stats["accepted_by_position"][r]) - before
+        accepted_last = int(last.sum())
+        assert accepted_last == acc or (cut and accepted_last > acc)
+        np.testing.assert_array_equal(last, np.arange(K) < accepted_last)
+    assert 0.03 < out.stats["acceptance_rate"] < 0.5
+    assert max(max(row[1:]) for row in out.stats["accepted_by_position"]) > 0, "no run of 2"
 
 
 def test_greedy_inside_users_own_jit(tiny, target, unrelated_draft, greedy_ref):
@@ -166,21 +206,6 @@ def test_lengths_are_exactly_max_new_tokens(max_new_tokens, tiny, target, unrela
             assert out.stats["target_steps"] == [1 + rounds] * 3
 
 
-def test_one_compilation_per_prompt_bucket(tiny, target, greedy_ref):
-    """Prompts of 6 and 13 tokens share the bucket of 16: the second call compiles nothing.
-
-    Batch 1 is used by no other test, so the first call here always compiles exactly once.
-    """
-    drafter = js.DraftModel(target, num_tokens=K)
-    before = COMPILATIONS["speculative"]
-    first = js.generate(target, [tiny.prompts[1]], max_new_tokens=tiny.max_new, drafter=drafter)
-    assert COMPILATIONS["speculative"] == before + 1
-    second = js.generate(target, [tiny.prompts[2]], max_new_tokens=tiny.max_new - 3, drafter=drafter)
-    assert COMPILATIONS["speculative"] == before + 1
-    np.testing.assert_array_equal(first.tokens[0], greedy_ref.tokens[1])
-    np.testing.assert_array_equal(second.tokens[0], greedy_ref.tokens[2, :tiny.max_new - 3])
-
-
 # -- temperature > 0: the law of the output is the target's ------------------------------------
 
 SAMPLING = js.Sampling(temperature=0.8, top_k=8, top_p=0.9)
@@ -219,32 +244,52 @@ def _chi_square(counts, law, rows):
     return stat, dof, float(scipy_stats.chi2.sf(stat, dof))
 
 
-@pytest.mark.parametrize("method", ["draft_model", "prompt_lookup"])
-def test_sampled_law_is_the_targets(method, tiny, target, related_draft, greedy_ref):
-    """Seeded chi-square test: speculative sampling draws the first 3 tokens from the target's law.
+@pytest.fixture(scope="module")
+def first_tokens_sample(target, related_draft, greedy_ref):
+    """sample(method) -> (prompt, GenerateOutput, compilations): ROWS rows, SAMPLING, seed 1.
 
-    One generate call over ROWS identical prompts (every row has its own random stream). The
-    prompt repeats the target's own greedy cycle, so prompt lookup proposes likely tokens, and
-    the draft model (the target with a perturbed head) is accepted part of the time: both
-    acceptance and rejection (residual) paths are exercised in the first round.
-
-    Thresholds: the law has a few hundred possible 3-token sequences; cells expected below 5
-    are merged into one (the usual validity rule for Pearson's statistic), which leaves ~100
-    cells, i.e. ~100 degrees of freedom. The seed is fixed, so the test is deterministic; a
-    correct sampler passes at a cut of p = 1e-3 with probability 0.999 over seeds. As a power
-    check the same sample must be rejected (p < 1e-3) against a plausible wrong law: the
-    target's distribution at the same temperature without top-k / top-p.
+    One generate call per method, memoised. The prompt repeats the target's own greedy cycle,
+    so prompt lookup proposes likely tokens; the draft model (the target with a perturbed head)
+    is accepted part of the time: acceptance and residual paths both run in the first round.
+    `compilations` is how many speculative programs the call compiled (no other test uses
+    these shapes: batch ROWS at temperature 0.8).
     """
     prompt = greedy_ref.tokens[0, :7].tolist()     # the greedy cycle, e.g. 13 29 25 13 29 25 13
-    if method == "draft_model":
-        drafter = js.DraftModel(related_draft, num_tokens=3)
-    else:
-        drafter = js.PromptLookup(ngram=2, num_tokens=3)
-    out = js.generate(target, [prompt] * ROWS, max_new_tokens=3, sampling=SAMPLING,
-                      drafter=drafter, seed=1)
+    runs = {}
+
+    def sample(method):
+        if method not in runs:
+            if method == "draft_model":
+                drafter = js.DraftModel(related_draft, num_tokens=3)
+            else:
+                drafter = js.PromptLookup(ngram=2, num_tokens=3)
+            before = COMPILATIONS["speculative"]
+            out = js.generate(target, [prompt] * ROWS, max_new_tokens=3, sampling=SAMPLING,
+                              drafter=drafter, seed=1)
+            runs[method] = (prompt, out, COMPILATIONS["speculative"] - before)
+        return runs[method]
+
+    return sample
+
+
+@pytest.mark.parametrize("method", ["draft_model", "prompt_lookup"])
+def test_sampled_law_is_the_targets(method, tiny, target, first_tokens_sample):
+    """Seeded chi-square test: speculative sampling draws the first 3 tokens from the target's law.
+
+    Thresholds: the law has ~110 possible 3-token sequences; cells expected below 5 are merged
+    into one (the usual validity rule for Pearson's statistic), which leaves ~70 degrees of
+    freedom. The seed is fixed, so the test is deterministic; a correct sampler passes the cut
+    p > 1e-3 with probability 0.999 over seeds (seeds 1-3 give p >= 0.08). Power: the same
+    sample must be rejected (p < 1e-3) against a plausible wrong law, the target's law at the
+    same temperature without top-k / top-p (it gets p ~ 0). Checked by hand, not in the suite:
+    drawing the correction from p instead of the residual gives p ~ 1e-130, and a draft q left
+    unfiltered while its tokens are drawn filtered gives p ~ 1e-16.
+    """
+    prompt, out, _ = first_tokens_sample(method)
     assert np.all(out.lengths == 3)
     s = out.stats
     assert 0.1 < s["acceptance_rate"] < 0.9, s["acceptance_rate"]   # both paths taken
+    assert s["mean_accepted"] > 0.1
     counts = np.zeros((tiny.vocab,) * 3)
     np.add.at(counts, tuple(out.tokens.T), 1)
 
@@ -257,3 +302,16 @@ def test_sampled_law_is_the_targets(method, tiny, target, related_draft, greedy_
     unfiltered = _exact_law(target, prompt, js.Sampling(temperature=0.8))
     _, _, p_wrong = _chi_square(counts, unfiltered, ROWS)
     assert p_wrong < P_VALUE_CUT, "the test cannot tell the filtered law from the unfiltered one"
+
+
+def test_one_compilation_per_prompt_bucket(target, greedy_ref, first_tokens_sample):
+    """A 7-token and a 12-token prompt share the prompt bucket of 16: one compilation in all."""
+    prompt, _, compiled = first_tokens_sample("prompt_lookup")
+    assert compiled == 1
+    before = COMPILATIONS["speculative"]
+    longer = greedy_ref.tokens[0, :12].tolist()
+    assert len(prompt) != len(longer)
+    out = js.generate(target, [longer] * ROWS, max_new_tokens=2, sampling=SAMPLING,
+                      drafter=js.PromptLookup(ngram=2, num_tokens=3), seed=2)
+    assert COMPILATIONS["speculative"] == before
+    assert np.all(out.lengths == 2)

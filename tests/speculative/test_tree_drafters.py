@@ -46,7 +46,7 @@ def models(vocab: int = VOCAB):
     config = _config(vocab)
     params = init_params(config, jax.random.PRNGKey(0), std=0.3)
     noise = init_params(config, jax.random.PRNGKey(1), std=0.3)
-    draft = jax.tree_util.tree_map(lambda p, e: p + 0.6 * e if p.ndim > 1 else p, params, noise)
+    draft = jax.tree_util.tree_map(lambda p, e: p + 0.15 * e if p.ndim > 1 else p, params, noise)
     return Model(config, params), Model(config, draft)
 
 
@@ -260,9 +260,10 @@ def test_sampling_distribution_chi_square(kind):
     Token 1 comes from the prefill; tokens 2 and 3 from the first tree round (a depth-1 and a
     depth-2 node, or a correction / bonus), so the joint law exercises the rule at two levels.
     Seeds are fixed, so the test is deterministic; p > 1e-3 is a loose bar that a correct rule
-    passes with probability 0.999 under a fresh seed, while a wrong rule (e.g. "speculative" on
-    the without-replacement siblings, or the lossy "typical") shifts cells by several percent of
-    2000 rows and gives p < 1e-6 (checked when the test was written).
+    passes with probability 0.999 under a fresh seed. A wrong rule is far below it (measured when
+    the test was written, seeds 7 and 8): "speculative" (i.i.d. siblings) on these
+    without-replacement siblings gives p ~ 1e-47, the lossy "typical" p = 0 (underflow), while
+    the right rules gave p = 0.78 / 0.64 (static) and 0.17 / 0.08 (one-hot dynamic).
     """
     target, draft = models(SMALL_VOCAB)
     tree = CHI_TREE if kind == "static_wor" else js.trees.dynamic(6, 2, 3)
@@ -281,5 +282,6 @@ def test_sampling_distribution_chi_square(kind):
     accepted = np.asarray(out.accepted).sum() / ROWS
     print(f"{kind}: p={pvalue:.3g} over {cells} cells, accepted per row {accepted:.2f}")
     assert cells >= 20
-    assert 0.2 < accepted < 2.0   # the draft differs from the target: some rejections
+    # The draft is close to the target but not equal: long accepted paths and rejections both occur.
+    assert (np.asarray(out.accepted) == 0).any() and (np.asarray(out.accepted) >= 2).any()
     assert pvalue > 1e-3

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import pytest
 import jax.numpy as jnp
 import numpy as np
 
@@ -17,6 +20,14 @@ DRAFT = ModelConfig(family="llama", vocab_size=64, hidden_size=16, num_layers=1,
                     num_kv_heads=1, head_dim=16, intermediate_size=32, max_position_embeddings=64,
                     tie_word_embeddings=True)
 
+
+
+def toy_sequences(n_tokens: int, seed: int) -> np.ndarray:
+    """A learnable stream: a few repeated 'words' in random order, packed [N, 17]."""
+    rng = np.random.default_rng(seed)
+    words = [rng.integers(1, 64, rng.integers(3, 7)) for _ in range(8)]
+    stream = np.concatenate([words[i] for i in rng.integers(0, 8, n_tokens // 4)])[:n_tokens]
+    return data.pack(stream.astype(np.int32), 16)
 
 
 def test_sampling_greedy_matches_forward_train():
@@ -35,9 +46,12 @@ def test_sampling_greedy_matches_forward_train():
 
 
 def test_distillation_lowers_kl():
-    t_params = init_params(TARGET, jax.random.PRNGKey(3), std=0.3)
-    rng = np.random.default_rng(0)
-    corpus = data.pack(rng.integers(0, 64, 3000).astype(np.int32), 16)
+    corpus = toy_sequences(3000, seed=1)                                        # [N, 17]
+    # A teacher with structure to learn: briefly trained on the toy corpus.
+    teacher = trainer.train(init_params(TARGET, jax.random.PRNGKey(3)), TARGET, data.Batcher(corpus, 8),
+                            trainer.TrainConfig(batch_size=8, learning_rate=1e-2, warmup_steps=2,
+                                                max_steps=20, log_every=1000), quiet=True)
+    t_params = teacher.params
     pool = distill.generate_pool(t_params, TARGET, corpus.reshape(-1), num_sequences=8, seq_len=16,
                                  prompt_len=4, batch_size=8)
     assert pool.shape == (8, 17)
@@ -48,11 +62,16 @@ def test_distillation_lowers_kl():
     evals = data.eval_batches(corpus[-8:], 8)
     d0 = init_params(DRAFT, jax.random.PRNGKey(4))
     before = trainer.make_eval_fn(kl)(d0, evals, t_params)
-    cfg = trainer.TrainConfig(batch_size=8, learning_rate=1e-2, warmup_steps=2, max_steps=40,
-                              weight_decay=0.0, eval_every=40, log_every=1000)
+    cfg = trainer.TrainConfig(batch_size=8, learning_rate=1e-2, warmup_steps=2, max_steps=30,
+                              weight_decay=0.0, eval_every=30, log_every=1000)
     res = trainer.train(d0, DRAFT, mixed, cfg, loss_fn=kl, extra=(t_params,), eval_batches=evals,
                         quiet=True)
     after = res.evals[-1][1]
-    assert after["kl"] < 0.7 * before["kl"], (before, after)
+    assert after["kl"] < 0.5 * before["kl"], (before, after)
+    assert after["agree"] > before["agree"]
     agree = distill.greedy_agreement(res.params, DRAFT, t_params, TARGET, evals)
     assert abs(agree - after["agree"]) < 1e-6
+    with pytest.raises(ValueError, match="draft vocab 32 != target vocab 64"):
+        distill.make_kl_loss(dataclasses.replace(DRAFT, vocab_size=32), TARGET)(
+            init_params(dataclasses.replace(DRAFT, vocab_size=32), jax.random.PRNGKey(0)),
+            jnp.zeros((1, 5), jnp.int32), t_params)

@@ -102,6 +102,11 @@ class DraftModel:
         check_same_vocabulary(target, self.model)
         if self.tree.max_depth + 1 > self.model.config.max_position_embeddings:
             raise ValueError(f"num_tokens={self.k} is larger than the draft model's context allows")
+        vocab = min(target.config.vocab_size, self.model.config.vocab_size)
+        width = self.tree.top_k if isinstance(self.tree, DynamicTree) else self.tree.max_children
+        if self.branching and width > vocab:
+            raise ValueError(f"the tree has up to {width} children per node but the vocabulary "
+                             f"has only {vocab} tokens")
 
     def init(self, target: Model, prompt_tokens, prompt_lengths, max_len: int, state=None):
         """Prefill the draft's cache with the prompts. prompt_tokens: [B, Tp]."""

@@ -120,7 +120,7 @@ def _prepare_data(recipe: Recipe, work: Path, console):
 
 
 def _budgeted_config(base, ckpt_dir: Path, minutes: float, measure, console, name: str,
-                     cap: int, overhead_s: float):
+                     cap: int, overhead_s: float, steps: int | None = None):
     """The TrainConfig of a phase: the stored one when resuming, else one whose max_steps
     (the cosine length) is fitted to the budget from a measured step time."""
     from jaxspec.train.trainer import stored_train_config
@@ -128,6 +128,10 @@ def _budgeted_config(base, ckpt_dir: Path, minutes: float, measure, console, nam
     if stored is not None:
         log(console, f"[{name}] resuming with the stored schedule (max_steps {stored.max_steps})")
         return dataclasses.replace(stored, max_minutes=minutes)
+    if steps is not None:  # an explicit cosine length; `minutes` stays a hard stop
+        log(console, f"[{name}] max_steps {steps} (given), stopping after {minutes} min at most")
+        return dataclasses.replace(base, max_steps=steps, max_minutes=minutes,
+                                   warmup_steps=min(base.warmup_steps, max(steps // 10, 1)))
     step_s = measure(base)
     steps = int(max(minutes * 60 - overhead_s, 10) / (step_s * 1.08))
     steps = max(1, min(cap, steps))
@@ -162,7 +166,8 @@ def _decode_latency(model_dir: Path, steps: int = 64) -> float:
 
 
 def run(out: Path, work: Path, target_minutes: float, draft_minutes: float, recipe: Recipe,
-        console, resume: bool = True) -> dict:
+        console, resume: bool = True, target_steps: int | None = None,
+        draft_steps: int | None = None) -> dict:
     import jax
     import jax.numpy as jnp
     from jaxspec.models import hf
@@ -198,7 +203,8 @@ def run(out: Path, work: Path, target_minutes: float, draft_minutes: float, reci
         base, t_ckpt, target_minutes,
         lambda c: trainer.measure_step_seconds(t_params, tcfg, t_batcher, c),
         console, "target", recipe.max_steps_cap,
-        overhead_s=60 + 2 * len(eval_during) * (1 + recipe.max_steps_cap // recipe.eval_every) / 50)
+        overhead_s=60 + 2 * len(eval_during) * (1 + recipe.max_steps_cap // recipe.eval_every) / 50,
+        steps=target_steps)
     t0 = time.time()
     res = trainer.train(t_params, tcfg, t_batcher, t_train_cfg, eval_batches=eval_during,
                         checkpoint_dir=t_ckpt, name="target", console=console)
@@ -250,7 +256,7 @@ def run(out: Path, work: Path, target_minutes: float, draft_minutes: float, reci
         dbase, work / "draft_ckpt", d_minutes,
         lambda c: trainer.measure_step_seconds(d_params, dcfg, mixed, c, loss_fn=kl,
                                                extra=(target.params,)),
-        console, "draft", recipe.max_steps_cap, overhead_s=45)
+        console, "draft", recipe.max_steps_cap, overhead_s=45, steps=draft_steps)
     t0 = time.time()
     dres = trainer.train(d_params, dcfg, mixed, d_train_cfg, loss_fn=kl, extra=(target.params,),
                          eval_batches=eval_during, checkpoint_dir=work / "draft_ckpt",
@@ -396,6 +402,10 @@ def main(argv=None) -> int:
                    help="checkpoints and caches (default runs/default_pair, or runs/default_pair_small)")
     p.add_argument("--target-minutes", type=float, default=45.0)
     p.add_argument("--draft-minutes", type=float, default=15.0)
+    p.add_argument("--target-steps", type=int, default=None,
+                   help="cosine length of the target phase (default: fitted to --target-minutes "
+                        "from a measured step time, which a busy machine makes pessimistic)")
+    p.add_argument("--draft-steps", type=int, default=None, help="as --target-steps, for the draft")
     p.add_argument("--small", action="store_true", help="tiny models and corpus: a quick end-to-end check")
     p.add_argument("--no-resume", action="store_true", help="refuse to reuse existing checkpoints")
     args = p.parse_args(argv)
@@ -404,7 +414,8 @@ def main(argv=None) -> int:
     recipe = SMALL if args.small else Recipe()
     work = args.work or Path("runs") / ("default_pair_small" if args.small else "default_pair")
     out = args.out or (work / "assets" if args.small else DEFAULT_OUT)
-    run(out, work, args.target_minutes, args.draft_minutes, recipe, console, resume=not args.no_resume)
+    run(out, work, args.target_minutes, args.draft_minutes, recipe, console, resume=not args.no_resume,
+        target_steps=args.target_steps, draft_steps=args.draft_steps)
     return 0
 
 
