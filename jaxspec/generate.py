@@ -19,7 +19,7 @@ import numpy as np
 from flax import struct
 
 from jaxspec.models.cache import KVCache, commit
-from jaxspec.models.transformer import Model, forward
+from jaxspec.models.transformer import Model, forward, lm_head, unstack_layers
 from jaxspec.sampling import Sampling, sample
 
 # Number of times each generation program was compiled (tests assert on it).
@@ -45,11 +45,13 @@ def prefill(model: Model, prompt_tokens: jax.Array, prompt_lengths: jax.Array, c
     """
     batch, tp = prompt_tokens.shape
     positions = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), (batch, tp))
-    logits, hidden, cache = forward(model, prompt_tokens, cache, positions)
+    _, hidden, cache = forward(model, prompt_tokens, cache, positions)
     last = jnp.clip(prompt_lengths - 1, 0, tp - 1)
     rows = jnp.arange(batch)
     cache = commit(cache, prompt_lengths)
-    return logits[rows, last], hidden[rows, last], cache
+    hidden = hidden[rows, last]                                      # [B, D]
+    # The LM head on the last positions only: forward's [B, Tp, V] logits are dead code.
+    return lm_head(model.params, hidden, model.config), hidden, cache
 
 
 def stop_mask(tokens: jax.Array, stop_tokens: jax.Array) -> jax.Array:
@@ -76,6 +78,8 @@ def autoregressive_tokens(model: Model, prompt_tokens: jax.Array, prompt_lengths
                                          sampling, key, stop_tokens, limit, pad_id)
     from jaxspec.sharding import constrain_batch  # no-op unless a mesh is active
     prompt_tokens, prompt_lengths = constrain_batch(prompt_tokens, prompt_lengths)
+    if jax.default_backend() == "cpu" and not isinstance(model.params["layers"], (list, tuple)):
+        model = model.replace(params=unstack_layers(model.params))  # ~2x faster steps on CPU
     batch, tp = prompt_tokens.shape
     stop_tokens = jnp.zeros((0,), jnp.int32) if stop_tokens is None else stop_tokens
     limit = jnp.broadcast_to(jnp.asarray(max_new_tokens if limit is None else limit, jnp.int32), (batch,))
@@ -248,6 +252,8 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64,
     check_lengths(model, encoded, max_new_tokens, slack)
     if drafter is not None:
         drafter.check_compatible(model)
+        if hasattr(drafter, "check_positions"):
+            drafter.check_positions(max(len(ids) for ids in encoded) + max_new_tokens + slack)
     batch = len(encoded)
     tp = bucket(max(len(ids) for ids in encoded))
     m = bucket(max_new_tokens)
@@ -295,13 +301,13 @@ def _stats(out: TokenOutput, lengths: np.ndarray, elapsed: float, compile_s: flo
     drafted = np.asarray(out.drafted)
     accepted = np.asarray(out.accepted)
     by_position = np.asarray(out.accepted_by_position)
-    rounds = np.maximum(steps - 1, 1)  # speculative rounds after the prefill
+    rounds = np.maximum(steps - 1, 0)  # speculative rounds after the prefill
     return {
         "target_steps": steps.tolist(),
         "drafted": drafted.tolist(),
         "accepted": accepted.tolist(),
         "accepted_by_position": by_position.tolist(),
-        "mean_accepted": float(accepted.sum() / rounds.sum()) if drafted.sum() else 0.0,
+        "mean_accepted": float(accepted.sum() / max(rounds.sum(), 1)) if drafted.sum() else 0.0,
         "acceptance_rate": float(accepted.sum() / drafted.sum()) if drafted.sum() else 0.0,
         "tokens_per_step": float(lengths.sum() / max(steps.sum(), 1)),
         "generated_tokens": int(lengths.sum()),

@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     import jax
 
     import jaxspec as js
-    from jaxspec.sharding import load_sharded, make_mesh
+    from jaxspec.sharding import axis_sizes, load_sharded, make_mesh
 
     mesh = make_mesh(data=args.data, model=args.model)
     if args.target is None:
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     sampling = js.Sampling(temperature=args.temperature, top_p=args.top_p)
 
     prompts = read_prompts(args.prompts)
-    data = int(mesh.shape["data"])
+    data, model = axis_sizes(mesh)
     size = args.batch_size or len(prompts)
     size = -(-size // data) * data
     records, start, generated = [], time.perf_counter(), 0
@@ -240,7 +240,7 @@ def main(argv=None) -> int:
                 f.write(json.dumps(r) + "\n")
         print(f"jaxspec.launch: {len(records)} prompts, {generated} tokens in {elapsed:.1f}s "
               f"({jax.process_count()} processes, {jax.device_count()} devices, mesh "
-              f"data={data} model={int(mesh.shape['model'])}) -> {out}", file=sys.stderr)
+              f"data={data} model={model}) -> {out}", file=sys.stderr)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("jaxspec.launch done")

@@ -132,6 +132,11 @@ def _axis_size(mesh: Mesh, axis: str) -> int:
     return int(mesh.shape[axis]) if axis in mesh.shape else 1
 
 
+def axis_sizes(mesh: Mesh) -> tuple[int, int]:
+    """(data, model) sizes of a jaxspec mesh."""
+    return _axis_size(mesh, DATA), _axis_size(mesh, MODEL)
+
+
 def _check_axes(mesh: Mesh):
     if not isinstance(mesh, Mesh):
         raise ValueError(f"mesh must be a jax.sharding.Mesh from js.make_mesh, got {type(mesh).__name__}")
@@ -249,8 +254,9 @@ def prepare_generate(mesh: Mesh, model, drafter, drafter_state, batch_arrays: tu
     and the batch, shard the target (unless already on this mesh), replicate the drafter and
     its state, split the batch arrays on "data"."""
     _check_axes(mesh)
-    check_mesh(model.config, mesh, batch=int(np.shape(batch_arrays[0])[0]))
-    if not _is_placed(model, mesh):
+    placed = _is_placed(model, mesh)  # e.g. js.load(path, mesh=mesh), or replicated on purpose
+    check_mesh(model.config, mesh, batch=int(np.shape(batch_arrays[0])[0]), replicate=placed)
+    if not placed:
         model = shard(model, mesh)
     if drafter is not None:
         drafter = replicate_tree(drafter, mesh)
@@ -355,6 +361,13 @@ def per_device_bytes(config, mesh: Mesh | None, batch: int, max_len: int, dtype=
 _CKPT_PARAMS = "params"  # orbax item inside a jaxspec sharded checkpoint directory
 
 
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Is `path` a `save_checkpoint` directory (config.json + orbax params/, no safetensors)?"""
+    path = Path(path)
+    return (path / _CKPT_PARAMS).is_dir() and (path / "config.json").is_file() and \
+        not any(path.glob("*.safetensors*"))
+
+
 def save_checkpoint(model, path: str | os.PathLike) -> None:
     """Write `model` as a sharded checkpoint: config.json (+ tokenizer files) and an orbax
     `params/` item. Every process must call it (each writes the shards it holds)."""
@@ -401,7 +414,7 @@ def load_sharded(path: str | os.PathLike, mesh: Mesh, dtype: str = "float32",
     device (drafters).
     """
     path = Path(path)
-    if (path / _CKPT_PARAMS).is_dir():
+    if is_checkpoint(path):
         return restore_checkpoint(path, mesh, dtype, attn_impl, replicate)
     from jaxspec.models import hf
     from jaxspec.models.transformer import Model, param_shapes
@@ -424,13 +437,8 @@ def load_sharded(path: str | os.PathLike, mesh: Mesh, dtype: str = "float32",
     return Model(config=config, params=params, tokenizer=reader.tokenizer(), attn_impl=attn_impl)
 
 
-def num_shards_read(array) -> int:
-    """How many distinct slices of `array` this process holds (tests, diagnostics)."""
-    return len({tuple((s.start, s.stop) for s in sh.index) for sh in array.addressable_shards})
-
-
-__all__ = ["DATA", "MODEL", "RULES", "abstract_params", "active_mesh", "batch_spec", "cache_spec",
-           "check_mesh", "constrain_batch", "constrain_cache", "load_sharded", "make_mesh",
+__all__ = ["DATA", "MODEL", "RULES", "abstract_params", "active_mesh", "axis_sizes", "batch_spec", "cache_spec",
+           "check_mesh", "constrain_batch", "constrain_cache", "is_checkpoint", "load_sharded", "make_mesh",
            "param_shardings", "param_specs", "partition_spec", "per_device_bytes",
            "prepare_generate", "put_batch", "replicate_tree", "restore_checkpoint",
            "save_checkpoint", "shard", "use_mesh"]

@@ -109,10 +109,10 @@ class TwoBranchLookup:
 def methods(draft, mesh: str | None = None):
     """name -> (drafter, Sampling) run on `mesh` ("2x4"; None = the one-device baseline).
 
-    Autoregressive decoding and the tree drafter run on every mesh; the other methods on the
-    meshes listed with them (each program compiles in 5-15 s of CPU, so the matrix is pruned to
-    cover every method on the mixed 2x4 mesh and every mesh with a target-split and a
-    drafter-replicated program).
+    Each program costs 5-15 s of CPU to compile, so the matrix is pruned: every method runs on
+    the mixed 2x4 mesh except the test-only two-branch tree (which, with autoregressive decoding,
+    covers the pure-data 8x1 and pure-model 1x8 meshes); 8x1 and 1x8 each also run one chain
+    drafter (DraftModel, PromptLookup).
     """
     greedy = js.Sampling(temperature=0.0)
     hot = js.Sampling(temperature=0.9)
@@ -120,11 +120,14 @@ def methods(draft, mesh: str | None = None):
         "autoregressive": (None, greedy, None),
         "draft_model": (js.DraftModel(draft, num_tokens=3), greedy, ("8x1", "2x4")),
         "prompt_lookup": (js.PromptLookup(ngram=2, num_tokens=4), greedy, ("2x4", "1x8")),
-        "tree": (TwoBranchLookup(), greedy, None),
+        "tree": (TwoBranchLookup(), greedy, ("8x1", "1x8")),
         "draft_model_sampled": (js.DraftModel(draft, num_tokens=3), hot, ("2x4",)),
     }
-    if hasattr(js, "TokenRecycling"):  # the tree drafter from the trees work, when present
+    # The tree drafters from the trees work, when present.
+    if hasattr(js, "TokenRecycling"):
         table["token_recycling"] = (js.TokenRecycling(), greedy, ("2x4",))
+    if "tree" in getattr(js.DraftModel, "__dataclass_fields__", {}):
+        table["draft_tree"] = (js.DraftModel(draft, tree=trees.kary(2, 2)), greedy, ("2x4",))
     return {name: (d, s) for name, (d, s, where) in table.items()
             if mesh is None or where is None or mesh in where}
 
@@ -271,6 +274,10 @@ def section_loading(result):
                 out[f"orbax_{data}x{m}{'_replicated' if replicate else ''}"] = {
                     "equal": bool(same), "placed": bool(placed),
                     "config_equal": restored.config == target.config}
+            plain = js.load(ckpt)  # no mesh: restored onto one device
+            out["orbax_no_mesh"] = {"equal": jax.tree_util.tree_all(jax.tree_util.tree_map(
+                lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
+                target.params, plain.params)), "placed": True, "config_equal": plain.config == target.config}
     finally:
         SliceReader.read = original_read
     result["loading"] = out

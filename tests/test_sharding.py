@@ -22,8 +22,9 @@ WORKER = Path(__file__).with_name("sharding_worker.py")
 ROOT = Path(__file__).resolve().parent.parent
 MESHES = ("8x1", "2x4", "1x8")
 # Method -> meshes it runs on (see sharding_worker.methods), all at temperature 0.
-GREEDY = {"autoregressive": MESHES, "tree": MESHES, "draft_model": ("8x1", "2x4"),
+GREEDY = {"autoregressive": MESHES, "tree": ("8x1", "1x8"), "draft_model": ("8x1", "2x4"),
           "prompt_lookup": ("2x4", "1x8")}
+TREE_DRAFTERS = ("token_recycling", "draft_tree")   # js.TokenRecycling, DraftModel(tree=...) on 2x4
 SAMPLED = {"draft_model_sampled": ("2x4",)}
 TIMEOUT_S = 600
 
@@ -81,8 +82,9 @@ def test_greedy_outputs_identical_on_every_mesh(results):
     for name, meshes in GREEDY.items():
         assert set(meshes) <= set(runs[name]), f"{name} did not run on {meshes}"
         assert not _mismatches(runs, name, meshes), f"{name} differs from one device"
-    if "token_recycling" in runs:  # present once the tree drafters land
-        assert not _mismatches(runs, "token_recycling", ("2x4",))
+    for name in TREE_DRAFTERS:
+        assert "2x4" in runs.get(name, {}), f"{name} did not run"
+        assert not _mismatches(runs, name, ("2x4",)), f"{name} differs from one device"
 
 
 def test_sampled_outputs_identical_for_the_same_seed(results):
@@ -96,7 +98,7 @@ def test_sampled_outputs_identical_for_the_same_seed(results):
 
 def test_drafters_accept_tokens_so_the_comparison_covers_verification(results):
     runs = _section(results, "generate")
-    for name in ("draft_model", "prompt_lookup", "tree", "draft_model_sampled"):
+    for name in ("draft_model", "prompt_lookup", "tree", "draft_model_sampled", *TREE_DRAFTERS):
         assert runs[name]["single"]["accepted"] > 0, name
 
 
@@ -153,7 +155,7 @@ def test_sharded_hf_load_equals_unsharded_and_reads_each_slice_once(results):
 
 def test_sharded_orbax_restore_equals_unsharded(results):
     loading = _section(results, "loading")
-    for key in ("orbax_1x8", "orbax_8x1", "orbax_2x4_replicated"):
+    for key in ("orbax_1x8", "orbax_8x1", "orbax_2x4_replicated", "orbax_no_mesh"):
         assert loading[key] == {"equal": True, "placed": True, "config_equal": True}, key
 
 

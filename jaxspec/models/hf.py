@@ -159,10 +159,12 @@ def load(path: str | os.PathLike, dtype: str = "float32", attn_impl: str = "auto
 
     mesh: a js.make_mesh mesh to load straight into the sharded layout (each process reads only
     its slices; see jaxspec.sharding.load_sharded); replicate=True copies it whole to every device.
+    `path` may also be a jaxspec orbax checkpoint (jaxspec.sharding.save_checkpoint).
     """
-    if mesh is not None:
-        from jaxspec.sharding import load_sharded
-        return load_sharded(path, mesh, dtype=dtype, attn_impl=attn_impl, replicate=replicate)
+    from jaxspec import sharding
+    if mesh is not None or sharding.is_checkpoint(path):  # orbax checkpoints restore onto a mesh
+        mesh = sharding.make_mesh(1, 1) if mesh is None else mesh
+        return sharding.load_sharded(path, mesh, dtype=dtype, attn_impl=attn_impl, replicate=replicate)
     path = Path(path)
     config, files, expected = _check_checkpoint(path, dtype)
     target = _DTYPES[dtype]

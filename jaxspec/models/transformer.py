@@ -100,14 +100,19 @@ def _embed(params, tokens, positions, config: ModelConfig):
     return x
 
 
+def lm_head(params, hidden, config: ModelConfig):
+    """LM head. hidden: [..., D] (after the final norm) -> logits [..., V] float32."""
+    if config.tie_word_embeddings:
+        logits = jnp.einsum("...D,VD->...V", hidden, params["embed"])
+    else:
+        logits = jnp.einsum("...D,DV->...V", hidden, params["lm_head"]["kernel"])
+    return logits.astype(jnp.float32)
+
+
 def _unembed(params, x, config: ModelConfig):
     """Final norm and LM head. x: [B, T, D] -> logits [B, T, V] float32, hidden [B, T, D]."""
     hidden = _norm(x, params["final_norm"], config)
-    if config.tie_word_embeddings:
-        logits = jnp.einsum("BTD,VD->BTV", hidden, params["embed"])
-    else:
-        logits = jnp.einsum("BTD,DV->BTV", hidden, params["lm_head"]["kernel"])
-    return logits.astype(jnp.float32), hidden
+    return lm_head(params, hidden, config), hidden
 
 
 # -- forward passes ---------------------------------------------------------------------------
@@ -138,10 +143,31 @@ def forward(model: Model, tokens: jax.Array, cache: KVCache, positions: jax.Arra
         x = x + _mlp(_norm(x, lp["mlp_norm"], config), lp, config)
         return (x, cache_k, cache_v), None
 
-    layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
-    (x, k, v), _ = jax.lax.scan(layer, (x, cache.k, cache.v), (params["layers"], layer_ids))
+    if isinstance(params["layers"], (list, tuple)):   # unstacked: see unstack_layers
+        carry = (x, cache.k, cache.v)
+        for index, lp in enumerate(params["layers"]):
+            carry, _ = layer(carry, (lp, index))
+        x, k, v = carry
+    else:
+        layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
+        (x, k, v), _ = jax.lax.scan(layer, (x, cache.k, cache.v), (params["layers"], layer_ids))
     logits, hidden = _unembed(params, x, config)
     return logits, hidden, cache.replace(k=k, v=v)
+
+
+def unstack_layers(params):
+    """The same parameters with `layers` as a tuple of per-layer dicts ([L, ...] -> L x [...]).
+
+    `forward` then runs a Python loop over the layers instead of a scan. For decode loops on
+    CPU: XLA:CPU materialises the dynamic slice a scan takes of every stacked weight (a copy of
+    all layer weights per step, about 2x the time of a memory-bound decode step), while slicing
+    once before the loop copies them once per program. Costs compile time that grows with depth
+    and, inside the program, a second copy of the layer weights.
+    """
+    layers = params["layers"]
+    num_layers = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree_util.tree_map(lambda a: a[i], layers)
+                                      for i in range(num_layers))}
 
 
 def forward_train(params, config: ModelConfig, tokens: jax.Array):

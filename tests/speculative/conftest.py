@@ -74,7 +74,7 @@ def tiny():
     """The constants and builders above, for test modules (they cannot import a conftest)."""
     return types.SimpleNamespace(vocab=VOCAB, max_positions=MAX_POSITIONS, max_new=MAX_NEW,
                                  prompts=PROMPTS, make_model=make_model,
-                                 make_tokenizer=make_tokenizer, with_lm_head=_with_lm_head)
+                                 make_tokenizer=make_tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -90,9 +90,10 @@ def unrelated_draft():
 
 @pytest.fixture(scope="session")
 def related_draft(target):
-    """The target with a perturbed LM head: it agrees with the target part of the time."""
+    """The target with a perturbed LM head: it agrees with the target part of the time
+    (about 1/3 of its drafts accepted at temperature 0, 0.6 at temperature 0.8)."""
     noise = make_model(7).params["lm_head"]["kernel"]
-    return _with_lm_head(target, target.params["lm_head"]["kernel"] + 0.7 * noise)
+    return _with_lm_head(target, target.params["lm_head"]["kernel"] + 0.3 * noise)
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ def _words(vocab, rename=None):
 
 # -- settings ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("num_tokens", [0, -2, 257, 2.5, "4", "fast", True, None])
+@pytest.mark.parametrize("num_tokens", [0, -2, 257, 2.5, "4", "fast", True])
 def test_draft_model_refuses_bad_num_tokens(num_tokens, target):
     with pytest.raises(ValueError, match=r"num_tokens must be an integer in \[1, 256\] "
                                          r"\(or 'auto' where supported\), got "):
@@ -92,13 +92,13 @@ def test_refuses_draft_with_another_vocabulary_size(tiny, target):
              r"draft vocabulary size 48 differs from the target's 32 \(and without tokenizers")
 
 
-def test_refuses_draft_with_another_tokenizer(tiny, target):
+def test_refuses_draft_with_another_tokenizer(tiny, target, unrelated_draft):
     """Same vocabulary size, but one token means something else."""
     target = target.replace(tokenizer=tiny.make_tokenizer(_words(32)))
-    draft = tiny.make_model(1).replace(tokenizer=tiny.make_tokenizer(_words(32, rename=5)))
+    draft = unrelated_draft.replace(tokenizer=tiny.make_tokenizer(_words(32, rename=5)))
     _refused(target, js.DraftModel(draft, num_tokens=4),
-             r"the draft's tokenizer differs from the target's \(e\.g\. target has \[\('w5', 5\)\]\)"
-             r"; a draft must share the target's tokenizer")
+             r"the draft's tokenizer differs from the target's "
+             r"\(e\.g\. target has \[\('w5', 5\)\]\); a draft must share the target's tokenizer")
 
 
 def test_refuses_draft_vocabulary_smaller_than_the_tokenizer(tiny, target):
@@ -127,29 +127,40 @@ def test_refuses_draft_longer_than_the_draft_models_context(target):
         js.DraftModel(target, num_tokens=64).check_compatible(target)
 
 
-def test_padded_vocabulary_is_accepted_and_exact(tiny, target, greedy_ref):
-    """Same tokenizer, draft embedding padded from 32 to 64 rows: accepted, and exact.
+def _padded(model, tokenizer, factor):
+    """model with its vocabulary padded from 32 to 64: embedding rows copied, LM head columns
+    32 + i = factor * column i (so logit(32 + i) = factor * logit(i))."""
+    params = dict(model.params)
+    params["embed"] = jnp.concatenate([params["embed"], params["embed"]], axis=0)       # [64, D]
+    kernel = model.params["lm_head"]["kernel"]                                          # [D, 32]
+    params["lm_head"] = {"kernel": jnp.concatenate([kernel, factor * kernel], axis=1)}  # [D, 64]
+    return js.Model(config=dataclasses.replace(model.config, vocab_size=64), params=params,
+                    tokenizer=tokenizer)
 
-    The draft is the target with the padding appended, and its padding columns of the LM head
-    are twice the real ones (logit(32 + i) = 2 logit(i)): a draft that argmax-ed over its whole
-    vocabulary would propose nonexistent tokens 32.. and never be accepted. Restricted to the
-    shared vocabulary it proposes the target's own greedy tokens, so everything is accepted.
+
+@pytest.mark.parametrize("which", ["draft", "target"])
+def test_padded_vocabulary_is_accepted_and_exact(which, tiny, target, greedy_ref):
+    """Same 32-token tokenizer, one embedding padded to 64 rows: accepted, and exact.
+
+    draft padded: the draft is the target plus padding whose LM-head columns are twice the real
+    ones, so a draft that argmax-ed over its whole vocabulary would propose the nonexistent
+    tokens 32.. and never be accepted. Restricted to the shared vocabulary it proposes the
+    target's own greedy tokens: everything is accepted.
+    target padded: the padding columns are half the real ones, below the (positive) top logit,
+    so the padded target's greedy output is the unpadded one's; the 32-token draft's logits are
+    extended with -inf, and it is again the target itself on the real vocabulary.
     """
     tokenizer = tiny.make_tokenizer(_words(32))
-    target = target.replace(tokenizer=tokenizer)
-    params = dict(target.params)
-    params["embed"] = jnp.concatenate([params["embed"], params["embed"]], axis=0)       # [64, D]
-    kernel = target.params["lm_head"]["kernel"]                                         # [D, 32]
-    params["lm_head"] = {"kernel": jnp.concatenate([kernel, 2.0 * kernel], axis=1)}     # [D, 64]
-    padded = js.Model(config=dataclasses.replace(target.config, vocab_size=64), params=params,
-                      tokenizer=tokenizer)
+    unpadded = target.replace(tokenizer=tokenizer)
+    if which == "draft":
+        target, draft = unpadded, _padded(unpadded, tokenizer, 2.0)
+    else:
+        target, draft = _padded(unpadded, tokenizer, 0.5), unpadded
     out = js.generate(target, tiny.prompts, max_new_tokens=tiny.max_new,
-                      drafter=js.DraftModel(padded, num_tokens=4))
+                      drafter=js.DraftModel(draft, num_tokens=4))
     np.testing.assert_array_equal(out.tokens, greedy_ref.tokens)
     assert out.stats["acceptance_rate"] == 1.0
-    assert out.texts[0] == " ".join(f"w{t}" for t in greedy_ref.tokens[0])
-    assert out.texts == [tokenizer.decode(row, skip_special_tokens=True)  # 31 is [UNK]: dropped
-                         for row in greedy_ref.tokens.tolist()]
+    assert out.texts == [" ".join(f"w{t}" for t in row) for row in greedy_ref.tokens]
 
 
 # -- prompt lookup: the search ----------------------------------------------------------------
@@ -219,3 +230,12 @@ def test_auto_draft_length_schedule(target):
     np.testing.assert_array_equal(new.num_tokens, [3, 6, 5, 2, 1, 4])
     fixed = js.DraftModel(target, num_tokens=4)
     assert fixed.commit(state, None, draft, verdict, None) is state
+
+
+def test_draft_model_num_tokens_and_chain_must_agree(target):
+    assert js.DraftModel(target).num_tokens == 5
+    assert js.DraftModel(target, tree=js.trees.chain(3)).num_tokens == 3
+    with pytest.raises(ValueError, match=r"num_tokens=6 disagrees with tree=chain\(4\)"):
+        js.DraftModel(target, num_tokens=4).replace(num_tokens=6)
+    with pytest.raises(ValueError, match=r"max_tokens=4 disagrees with tree=chain\(8\)"):
+        js.DraftModel(target, num_tokens="auto").replace(max_tokens=4)

@@ -95,12 +95,13 @@ def test_greedy_output_is_the_targets(name, tiny, target, unrelated_draft, greed
 def test_draft_model_drafts_from_the_committed_context(tiny, target, related_draft, greedy_ref):
     """Partial acceptance: the draft's cache is rolled back to the committed prefix every round.
 
-    The related draft agrees with the target now and then (acceptance ~0.1 at temperature 0,
-    runs of up to 3). Its proposals must be its own greedy continuation of the committed text,
+    The related draft agrees with the target about a third of the time at temperature 0 (runs
+    of up to 3 tokens). Its proposals must be its own greedy continuation of the committed text,
     so the rounds can be replayed offline from one cache-free forward pass of the draft over
     prompt + reference output: the target steps and the per-position accepted counts must match
     (the last round may accept drafts past the limit, which the replay cannot see). Exactness
-    alone would not notice a stale draft cache, only lower acceptance.
+    alone would not notice a stale draft cache, only lower acceptance. (Checked by hand: feeding
+    draft tokens 2.. at a position one too far makes this test fail.)
     """
     out = js.generate(target, tiny.prompts, max_new_tokens=tiny.max_new,
                       drafter=js.DraftModel(related_draft, num_tokens=K))
@@ -140,16 +141,19 @@ def test_greedy_inside_users_own_jit(tiny, target, unrelated_draft, greedy_ref):
                                  prompt_lengths, tiny.max_new, js.Sampling(temperature=0.0), key)
         return out
 
-    tokens = np.zeros((len(tiny.prompts), 16), np.int32)
+    tokens = np.zeros((len(tiny.prompts), 16), np.int32)          # right-padded, [B, Tp]
     for i, p in enumerate(tiny.prompts):
         tokens[i, :len(p)] = p
     lengths = np.asarray([len(p) for p in tiny.prompts], np.int32)
-    for draft, rate in ((target, 1.0), (unrelated_draft, 0.0)):
+    for draft in (target, unrelated_draft):
         out = run(target, draft, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0))
         np.testing.assert_array_equal(np.asarray(out.tokens), greedy_ref.tokens)
         np.testing.assert_array_equal(np.asarray(out.lengths), [tiny.max_new] * 3)
         accepted, drafted = np.asarray(out.accepted), np.asarray(out.drafted)
-        assert accepted.sum() == pytest.approx(rate * drafted.sum(), abs=0.1 * drafted.sum())
+        if draft is target:
+            np.testing.assert_array_equal(accepted, drafted)
+        else:
+            assert accepted.sum() < 0.1 * drafted.sum()
 
 
 def test_stop_token_inside_an_accepted_run(tiny, target, unrelated_draft, greedy_ref):
@@ -167,8 +171,8 @@ def test_stop_token_inside_an_accepted_run(tiny, target, unrelated_draft, greedy
         expect_len = np.asarray([tiny.max_new if j is None else j + 1 for j in first])
         inside += sum(j is not None and j % (K + 1) != 0 for j in first)
         for draft in (target, unrelated_draft):
-            out = js.generate(target, tiny.prompts, max_new_tokens=tiny.max_new, stop_tokens=[stop],
-                              drafter=js.DraftModel(draft, num_tokens=K))
+            out = js.generate(target, tiny.prompts, max_new_tokens=tiny.max_new,
+                              stop_tokens=[stop], drafter=js.DraftModel(draft, num_tokens=K))
             np.testing.assert_array_equal(out.lengths, expect_len)
             for r, n in enumerate(expect_len):
                 np.testing.assert_array_equal(out.tokens[r, :n], ref[r, :n])
@@ -193,7 +197,8 @@ def test_rows_do_not_depend_on_the_batch(tiny, target, unrelated_draft, greedy_r
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 3, 7, 13])
-def test_lengths_are_exactly_max_new_tokens(max_new_tokens, tiny, target, unrelated_draft, greedy_ref):
+def test_lengths_are_exactly_max_new_tokens(max_new_tokens, tiny, target, unrelated_draft,
+                                            greedy_ref):
     """Not a multiple of the round length: the last round is cut to the limit."""
     for name in ("draft=target", "prompt_lookup"):
         drafter = _drafter(name, target, unrelated_draft)
@@ -248,13 +253,14 @@ def _chi_square(counts, law, rows):
 def first_tokens_sample(target, related_draft, greedy_ref):
     """sample(method) -> (prompt, GenerateOutput, compilations): ROWS rows, SAMPLING, seed 1.
 
-    One generate call per method, memoised. The prompt repeats the target's own greedy cycle,
-    so prompt lookup proposes likely tokens; the draft model (the target with a perturbed head)
-    is accepted part of the time: acceptance and residual paths both run in the first round.
+    One generate call per method, memoised. The prompt is the start of the target's own greedy
+    output, which repeats itself, so prompt lookup proposes likely tokens; the draft model (the
+    target with a perturbed head) is accepted part of the time: acceptance and residual paths
+    both run in the first round.
     `compilations` is how many speculative programs the call compiled (no other test uses
     these shapes: batch ROWS at temperature 0.8).
     """
-    prompt = greedy_ref.tokens[0, :7].tolist()     # the greedy cycle, e.g. 13 29 25 13 29 25 13
+    prompt = greedy_ref.tokens[0, :7].tolist()     # 13 13 29 13 13 13 29 at these seeds
     runs = {}
 
     def sample(method):
@@ -276,14 +282,15 @@ def first_tokens_sample(target, related_draft, greedy_ref):
 def test_sampled_law_is_the_targets(method, tiny, target, first_tokens_sample):
     """Seeded chi-square test: speculative sampling draws the first 3 tokens from the target's law.
 
-    Thresholds: the law has ~110 possible 3-token sequences; cells expected below 5 are merged
-    into one (the usual validity rule for Pearson's statistic), which leaves ~70 degrees of
+    Thresholds: the law has 161 possible 3-token sequences; cells expected below 5 are merged
+    into one (the usual validity rule for Pearson's statistic), which leaves 95 degrees of
     freedom. The seed is fixed, so the test is deterministic; a correct sampler passes the cut
-    p > 1e-3 with probability 0.999 over seeds (seeds 1-3 give p >= 0.08). Power: the same
-    sample must be rejected (p < 1e-3) against a plausible wrong law, the target's law at the
-    same temperature without top-k / top-p (it gets p ~ 0). Checked by hand, not in the suite:
-    drawing the correction from p instead of the residual gives p ~ 1e-130, and a draft q left
-    unfiltered while its tokens are drawn filtered gives p ~ 1e-16.
+    p > 1e-3 with probability 0.999 over seeds (seeds 1-5 give p >= 0.14 for both methods).
+    Power: the same sample must be rejected (p < 1e-3) against a plausible wrong law, the
+    target's law at the same temperature without top-k / top-p (it gets p ~ 0). Checked by
+    hand, not in the suite: drawing the correction from p instead of the residual gives
+    p ~ 1e-33 (draft model) and 1e-102 (prompt lookup); a draft q left unfiltered while its
+    tokens are drawn filtered gives p ~ 1e-52.
     """
     prompt, out, _ = first_tokens_sample(method)
     assert np.all(out.lengths == 3)

@@ -39,7 +39,7 @@ class DraftModelState:
 @struct.dataclass
 class DraftModel:
     model: Model
-    num_tokens: int | str = struct.field(pytree_node=False, default=5)
+    num_tokens: int | str | None = struct.field(pytree_node=False, default=None)  # None: 5
     max_tokens: int = struct.field(pytree_node=False, default=8)
     stop_threshold: float | None = struct.field(pytree_node=False, default=0.7)
     tree: TreeSpec | DynamicTree | None = struct.field(pytree_node=False, default=None)
@@ -48,27 +48,29 @@ class DraftModel:
         if not isinstance(self.model, Model):
             raise ValueError(f"DraftModel needs a jaxspec Model (js.load(...)), got "
                              f"{type(self.model).__name__}")
+        tree = self.tree
+        if tree is not None and not isinstance(tree, (TreeSpec, DynamicTree)):
+            raise ValueError(f"tree must be a js.trees TreeSpec (chain, kary, from_paths, ...) or "
+                             f"js.trees.dynamic(...), got {type(tree).__name__}")
+        is_chain = isinstance(tree, TreeSpec) and tree.max_children <= 1
+        if self.num_tokens is None:  # not given: the chain's length, else 5
+            object.__setattr__(self, "num_tokens", tree.max_depth if is_chain else 5)
         if self.num_tokens == "auto":
             check_num_tokens(self.max_tokens, "max_tokens")
         else:
             check_num_tokens(self.num_tokens)
         if self.stop_threshold is not None and not 0.0 < self.stop_threshold < 1.0:
             raise ValueError(f"stop_threshold must be in (0, 1) or None, got {self.stop_threshold}")
-        tree = self.tree
         if tree is None:
             object.__setattr__(self, "tree", chain(self.k))
-        elif not isinstance(tree, (TreeSpec, DynamicTree)):
-            raise ValueError(f"tree must be a js.trees TreeSpec (chain, kary, from_paths, ...) or "
-                             f"js.trees.dynamic(...), got {type(tree).__name__}")
-        elif isinstance(tree, TreeSpec) and tree.max_children <= 1:   # a chain
-            if self.adaptive:
-                if tree.max_depth != self.max_tokens:
-                    raise ValueError("num_tokens='auto' drafts an adaptive chain; it cannot be "
-                                     "combined with tree=...")
-            elif tree.max_depth < 1:
+        elif is_chain:
+            if tree.max_depth < 1:
                 raise ValueError("tree=chain(0) drafts nothing; use a chain of >= 1 tokens")
-            else:
-                object.__setattr__(self, "num_tokens", tree.max_depth)
+            if tree.max_depth != self.k:
+                setting = "max_tokens" if self.adaptive else "num_tokens"
+                raise ValueError(
+                    f"{setting}={self.k} disagrees with tree=chain({tree.max_depth}); give one of "
+                    "them (DraftModel.replace keeps the old chain: build a new DraftModel instead)")
         elif self.adaptive:
             raise ValueError("num_tokens='auto' drafts an adaptive chain; it cannot be combined "
                              "with a branching tree=...")
@@ -107,6 +109,15 @@ class DraftModel:
         if self.branching and width > vocab:
             raise ValueError(f"the tree has up to {width} children per node but the vocabulary "
                              f"has only {vocab} tokens")
+
+    def check_positions(self, needed: int) -> None:
+        """Refuse a run whose positions (prompt + new tokens + draft slots) exceed the draft's
+        context: a learned-position draft would silently clamp them."""
+        limit = self.model.config.max_position_embeddings
+        if needed > limit:
+            raise ValueError(f"the draft model supports at most {limit} positions "
+                             f"(max_position_embeddings) but this run needs {needed} (prompt + "
+                             "max_new_tokens + draft slots)")
 
     def init(self, target: Model, prompt_tokens, prompt_lengths, max_len: int, state=None):
         """Prefill the draft's cache with the prompts. prompt_tokens: [B, Tp]."""
