@@ -196,7 +196,11 @@ def forward_train(params, config: ModelConfig, tokens: jax.Array):
         x = x + _mlp(_norm(x, lp["mlp_norm"], config), lp, config)
         return x, None
 
-    x, _ = jax.lax.scan(layer, x, params["layers"])
+    if isinstance(params["layers"], (list, tuple)):   # unstacked: see unstack_layers
+        for lp in params["layers"]:
+            x, _ = layer(x, lp)
+    else:
+        x, _ = jax.lax.scan(layer, x, params["layers"])
     return _unembed(params, x, config)
 
 

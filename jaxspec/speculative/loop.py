@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jaxspec.generate import TokenOutput, prefill, stop_mask
 from jaxspec.models.cache import KVCache, commit, compact
-from jaxspec.models.transformer import Model, forward
+from jaxspec.models.transformer import Model, forward, unstack_layers
 from jaxspec.sampling import Sampling, sample
 from jaxspec.speculative.draft import Context, Draft
 from jaxspec.speculative.trees import TreeSpec
@@ -70,6 +70,10 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
                                      sampling, key, stop_tokens, limit, pad_id), None
     from jaxspec.sharding import constrain_batch  # no-op unless a mesh is active
     prompt_tokens, prompt_lengths = constrain_batch(prompt_tokens, prompt_lengths)
+    if jax.default_backend() == "cpu":  # per-layer weights sliced once, not every step (see
+        target = _unstacked(target)     # transformer.unstack_layers); same as the baseline
+        if isinstance(getattr(drafter, "model", None), Model):
+            drafter = drafter.replace(model=_unstacked(drafter.model))
     batch, tp = prompt_tokens.shape
     if rule == "auto" and not sampling.greedy:
         rule = getattr(drafter, "rule", "auto")
@@ -152,6 +156,12 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
     if return_cache:
         return output, state["dstate"], state["cache"]
     return output, state["dstate"]
+
+
+def _unstacked(model: Model) -> Model:
+    if isinstance(model.params["layers"], (list, tuple)):
+        return model
+    return model.replace(params=unstack_layers(model.params))
 
 
 def _is_chain(tree) -> bool:
