@@ -270,6 +270,8 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64,
         model, drafter, drafter_state, (prompt_tokens, prompt_lengths, limit) = prepare_generate(
             mesh, model, drafter, drafter_state, (prompt_tokens, prompt_lengths, limit))
     program_model = model.replace(tokenizer=None)  # host-only: not part of the program's key
+    if isinstance(getattr(drafter, "model", None), Model):
+        drafter = drafter.replace(model=drafter.model.replace(tokenizer=None))
     if drafter is None:
         args = (program_model, prompt_tokens, prompt_lengths, sampling, key, stops, limit)
         program, compile_s = PROGRAMS.get("autoregressive", _autoregressive_program, (m, pad, mesh), args)

@@ -11,6 +11,7 @@ import numpy as np
 
 import jaxspec as js
 from jaxspec.models import commit
+from jaxspec.models.transformer import unstack_layers
 
 VOCAB = 128  # the vocabulary of every conftest checkpoint
 
@@ -70,3 +71,19 @@ def test_forward_train_matches_transformers(checkpoints):
             ckpt.model.params, ckpt.model.config, jnp.asarray(ids, jnp.int32))
         np.testing.assert_allclose(np.asarray(logits[0]), ckpt.hf_logits(ids[0].tolist()),
                                    atol=ATOL, rtol=0, err_msg=family)
+
+
+def test_unstacked_layers_give_the_same_logits(checkpoints):
+    """`unstack_layers` (the CPU decode loop's layout) runs the same network as the scan."""
+    model = checkpoints["qwen3"].model
+    unstacked = model.replace(params=unstack_layers(model.params))
+    assert isinstance(unstacked.params["layers"], tuple) and len(unstacked.params["layers"]) == 2
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, VOCAB, (2, 5)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (2, 5))
+    outs = []
+    for m in (model, unstacked):
+        cache = js.KVCache.create(m.config, 2, 8)
+        logits, _, cache = _forward(m, tokens, cache, positions)
+        outs.append((logits, cache.k, cache.v))
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
