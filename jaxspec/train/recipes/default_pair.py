@@ -146,16 +146,18 @@ def _decode_latency(model_dir: Path, steps: int = 64) -> float:
     import jax.numpy as jnp
     from jaxspec.models import hf
     from jaxspec.models.cache import KVCache, commit
-    from jaxspec.models.transformer import forward
+    from jaxspec.models.transformer import forward, unstack_layers
     m = hf.load(model_dir, dtype="float32", attn_impl="xla")
+    m = m.replace(params=unstack_layers(m.params), tokenizer=None)  # as generation runs it on CPU
 
     @jax.jit
     def run(model, cache):
-        def body(i, c):
-            tok = jnp.zeros((1, 1), jnp.int32)
-            _, _, c = forward(model, tok, c, jnp.full((1, 1), i, jnp.int32))
-            return commit(c, jnp.ones((1,), jnp.int32))
-        return jax.lax.fori_loop(0, steps, body, cache).lengths
+        def body(i, carry):
+            c, tok = carry
+            logits, _, c = forward(model, tok, c, jnp.full((1, 1), i, jnp.int32))
+            # Feeding the argmax back keeps every step live (unused logits would be dropped).
+            return commit(c, jnp.ones((1,), jnp.int32)), jnp.argmax(logits, -1).astype(jnp.int32)
+        return jax.lax.fori_loop(0, steps, body, (cache, jnp.zeros((1, 1), jnp.int32)))[1]
 
     cache = KVCache.create(m.config, 1, 256)
     jax.block_until_ready(run(m, cache))
