@@ -231,9 +231,9 @@ def main(args) -> int:
     if args.target:
         target_dir, draft_dir = args.target, args.draft
     else:
-        from jaxspec.models.default import default_dirs
+        from jaxspec.models.default import default_pair_dirs
 
-        target_dir, draft_dir = (str(p) for p in default_dirs())
+        target_dir, draft_dir = (str(p) for p in default_pair_dirs())
     target = js.load(target_dir)
     draft = js.load(draft_dir) if draft_dir else None
     sampling = js.Sampling(temperature=args.temperature)

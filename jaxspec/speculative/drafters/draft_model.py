@@ -167,12 +167,12 @@ class DraftModel:
             valid = valid.at[:, i + 1].set(drafting)
             if q is not None:
                 q = q.at[:, i + 1].set(probabilities(step_logits, sampling))
-            # Confidence of the run so far, from the draft's unprocessed distribution.
-            confidence = jnp.take_along_axis(jax.nn.softmax(step_logits, axis=-1),
-                                             token[:, None], axis=1)[:, 0]
-            run_prob = run_prob * confidence
             drafting = drafting & (i + 1 < limit)
             if self.stop_threshold is not None and self.adaptive:
+                # Confidence of the run so far, from the draft's unprocessed distribution.
+                confidence = jnp.take_along_axis(jax.nn.softmax(step_logits, axis=-1),
+                                                 token[:, None], axis=1)[:, 0]
+                run_prob = run_prob * confidence
                 drafting = drafting & (run_prob >= 1.0 - self.stop_threshold)
             return tokens, valid, q, drafting, run_prob
 
