@@ -169,7 +169,7 @@ def _decode_latency(model_dir: Path, steps: int = 64) -> float:
 
 def run(out: Path, work: Path, target_minutes: float, draft_minutes: float, recipe: Recipe,
         console, resume: bool = True, target_steps: int | None = None,
-        draft_steps: int | None = None) -> dict:
+        draft_steps: int | None = None, argv: list[str] | None = None) -> dict:
     import jax
     import jax.numpy as jnp
     from jaxspec.models import hf
@@ -290,8 +290,7 @@ def run(out: Path, work: Path, target_minutes: float, draft_minutes: float, reci
     results["wall_seconds_this_run"] = round(time.time() - t_start, 1)
     results["hardware"] = hardware()
     results["recipe"] = dataclasses.asdict(recipe)
-    results["command"] = "python -m jaxspec.train.recipes.default_pair " + " ".join(
-        sys.argv[1:] if __name__ == "__main__" else [])
+    results["command"] = " ".join(["python -m jaxspec.train.recipes.default_pair", *(argv or [])])
     with open(work / "results.json", "w") as f:
         json.dump(results, f, indent=1)
     write_model_card(out / "MODEL_CARD.md", results, tcfg, dcfg, info["heldout_paths"])
@@ -380,13 +379,12 @@ speculative decoding. Parameter ratio draft/target: {r['flops_per_token_ratio']:
 ## Reproduce
 
 ```
-python -m jaxspec.train.recipes.default_pair --out jaxspec/assets --work runs/default_pair \\
-    --target-minutes 45 --draft-minutes 15
-# or: jaxspec train default-pair --target-minutes 45 --draft-minutes 15
+{r['command']}
+# or the same arguments after: jaxspec train default-pair
 ```
 
-The step budget is fitted to the wall-clock minutes from a measured step time, so results
-depend on the machine; an interrupted run resumes from its checkpoints in `--work`
+Without --target-steps/--draft-steps the step budget is fitted to the wall-clock minutes from a
+measured step time, so results depend on the machine; an interrupted run resumes from its checkpoints in `--work`
 (same command). `--small` runs a one-minute miniature of the whole pipeline.
 
 Held-out files: {', '.join(heldout_paths[:60])}{' ...' if len(heldout_paths) > 60 else ''}
@@ -417,7 +415,8 @@ def main(argv=None) -> int:
     work = args.work or Path("runs") / ("default_pair_small" if args.small else "default_pair")
     out = args.out or (work / "assets" if args.small else DEFAULT_OUT)
     run(out, work, args.target_minutes, args.draft_minutes, recipe, console, resume=not args.no_resume,
-        target_steps=args.target_steps, draft_steps=args.draft_steps)
+        target_steps=args.target_steps, draft_steps=args.draft_steps,
+        argv=list(sys.argv[1:] if argv is None else argv))
     return 0
 
 
