@@ -5,15 +5,18 @@ produced: a drafter proposes tokens, the target scores them in one pass, a lossl
 the longest correct prefix.
 """
 
-from jaxspec.generate import GenerateOutput, autoregressive_tokens, generate
-from jaxspec.models import KVCache, Model, ModelConfig, forward, load, save
+from jaxspec.api import GenerateOutput, generate
+from jaxspec.autoregressive import autoregressive_tokens
+from jaxspec.loading import load
+from jaxspec.models import KVCache, Model, ModelConfig, forward, save
 from jaxspec.models.default import load_default
 from jaxspec.sampling import Sampling
 from jaxspec import speculative
 from jaxspec.speculative import trees
-from jaxspec.speculative.drafters import DraftModel, PromptLookup, TokenRecycling
+from jaxspec.speculative.drafters import DraftModel, Eagle, PromptLookup, TokenRecycling
+from jaxspec.speculative.default import default_drafter
 from jaxspec import sharding
 from jaxspec.sharding import make_mesh, shard
 
-__all__ = ["DraftModel", "TokenRecycling", "GenerateOutput", "PromptLookup", "speculative", "trees", "KVCache", "Model", "ModelConfig", "Sampling",
+__all__ = ["DraftModel", "Eagle", "default_drafter", "TokenRecycling", "GenerateOutput", "PromptLookup", "speculative", "trees", "KVCache", "Model", "ModelConfig", "Sampling",
            "autoregressive_tokens", "forward", "generate", "load", "make_mesh", "shard", "sharding", "load_default", "save"]

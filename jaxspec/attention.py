@@ -6,12 +6,16 @@ row b's T new queries attend to
   * new-token slot lengths[b] + j when mask[b, t, j] is true (the new tokens' K/V are already
     written at slots [lengths[b], lengths[b] + T)).
 `mask=None` means causal among the new tokens (prefill, chains, one-token decode).
+With `sliding_window=W` a query at position p also sees only keys at positions > p - W (for the
+layers where `use_window` holds; None = always). With `softcap=c` the scores s become
+c * tanh(s / c) before masking (gemma2).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret")
 
@@ -54,11 +58,13 @@ def visibility(lengths: jax.Array, mask: jax.Array, max_len: int) -> jax.Array:
     return committed[:, None, :] | (in_new[:, None, :] & gathered)
 
 
-def xla_attention(q, k, v, lengths, mask, *, scale, sliding_window=None, query_positions=None):
+def xla_attention(q, k, v, lengths, mask, *, scale, sliding_window=None, query_positions=None,
+                  use_window=None, softcap=None):
     """Reference attention over the whole cache buffer.
 
     q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; lengths: [B]; mask: [B, T, T] bool.
-    query_positions: [B, T], needed only with sliding_window.
+    query_positions: [B, T], needed only with sliding_window. use_window: a traced bool [] (a
+    scanned layer's kind) or None.
     """
     batch, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
@@ -69,10 +75,15 @@ def xla_attention(q, k, v, lengths, mask, *, scale, sliding_window=None, query_p
         new_index = jnp.clip(slots - lengths[:, None], 0, t - 1)             # [B, S]
         key_pos = jnp.where(slots < lengths[:, None], slots,
                             jnp.take_along_axis(query_positions, new_index, axis=1))
-        visible &= (query_positions[:, :, None] - key_pos[:, None, :]) < sliding_window
+        in_window = (query_positions[:, :, None] - key_pos[:, None, :]) < sliding_window
+        if use_window is not None:
+            in_window |= jnp.logical_not(use_window)
+        visible &= in_window
     qg = q.reshape(batch, t, hkv, groups, d)                                 # [B, T, K, G, D]
     scores = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k,
                         preferred_element_type=jnp.float32) * scale          # [B, K, G, T, S]
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(visible[:, None, None], scores, _NEG)
     weights = jax.nn.softmax(scores, axis=-1)
     weights = jnp.where(visible[:, None, None], weights, 0.0)
@@ -82,19 +93,25 @@ def xla_attention(q, k, v, lengths, mask, *, scale, sliding_window=None, query_p
 
 
 def attention(q, k, v, lengths, mask=None, *, scale, impl="auto", sliding_window=None,
-              query_positions=None):
+              query_positions=None, use_window=None, softcap=None):
     """Attention of T new queries over a KV cache layer; see the module docstring.
 
     q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; lengths: [B] int32; mask: [B, T, T] bool or None.
+    use_window: None, a Python bool or a traced bool [] (does this layer use sliding_window).
     Returns [B, T, Hq, D] in q's dtype.
     """
     batch, t = q.shape[:2]
     if mask is None:
         mask = causal_mask(batch, t)
+    if isinstance(use_window, (bool, np.bool_)):   # a static layer kind
+        sliding_window, use_window = (sliding_window if use_window else None), None
+    if sliding_window is None:
+        use_window = None
     impl = resolve_impl(impl)
-    if impl == "xla" or sliding_window is not None:
+    if impl == "xla" or sliding_window is not None or softcap is not None:  # Pallas: neither
         return xla_attention(q, k, v, lengths, mask, scale=scale, sliding_window=sliding_window,
-                             query_positions=query_positions)
+                             query_positions=query_positions, use_window=use_window,
+                             softcap=softcap)
     from pallas_kernels.tree_attention import tree_attention  # only importer of pallas_kernels
 
     return tree_attention(q, k, v, lengths, mask, scale=scale,

@@ -1,34 +1,66 @@
-"""`jaxspec generate | bench | train | convert`."""
+"""`jaxspec generate | chat | bench | train | convert`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
-def _models(target_dir: str | None, draft_dir: str | None, dtype: str):
-    """The target/draft pair: given directories, or the shipped default pair."""
+
+def _models(args, console):
+    """(target, draft or None, description): --target/--model as given, else SmolLM2-135M-Instruct
+    when its package is installed, else the shipped tiny pair (said in one line)."""
     import jaxspec as js
+    from jaxspec.models import registry
 
-    if target_dir:
-        target = js.load(target_dir, dtype=dtype)
-        draft = js.load(draft_dir, dtype=dtype) if draft_dir else None
-        return target, draft
-    from jaxspec.models.default import load_default
+    target_name = args.target or args.model
+    if target_name is None:
+        if registry.available(DEFAULT_MODEL):
+            target_name = DEFAULT_MODEL
+        else:
+            console.print(f"[yellow]{DEFAULT_MODEL} is not installed "
+                          f"(`{registry.MODELS[DEFAULT_MODEL][2]}`); using the shipped tiny pair "
+                          "(jaxspec-tiny-code, a 6.8M toy code model)[/yellow]")
+            with console.status("loading the shipped tiny pair"):
+                target, draft = js.load_default(dtype=args.dtype)
+            return target, draft, "jaxspec-tiny-code"
+    with console.status(f"loading {target_name}"):
+        target = js.load(target_name, dtype=args.dtype)
+        draft = js.load(args.draft, dtype=args.dtype) if args.draft else None
+    return target, draft, str(target_name)
 
-    return load_default(dtype=dtype)
 
-
-def _drafter(name: str, draft, num_tokens):
+def _drafter(name: str, target, draft, num_tokens):
     import jaxspec as js
 
     if name == "none":
         return None
+    if name == "auto":  # a draft model if given (or the tiny pair's), else the best shipped drafter
+        if draft is not None:
+            name = "draft"
+        else:
+            drafter = js.default_drafter(target)
+            if num_tokens != "auto" and isinstance(drafter, js.Eagle):
+                drafter = drafter.with_tree(num_tokens=int(num_tokens))
+            return drafter
     if name == "lookup":
         return js.PromptLookup(ngram=3, num_tokens=8 if num_tokens == "auto" else int(num_tokens))
+    if name == "eagle":
+        drafter = js.default_drafter(target)
+        if not isinstance(drafter, js.Eagle):
+            raise ValueError("no shipped Eagle drafter matches this target; train one with "
+                             "`jaxspec train eagle --target ...` or use --drafter lookup")
+        return drafter if num_tokens == "auto" else drafter.with_tree(num_tokens=int(num_tokens))
     if draft is None:
-        raise SystemExit("--drafter draft needs a draft model (--draft DIR)")
+        raise ValueError("--drafter draft needs a draft model (--draft DIR)")
     return js.DraftModel(draft, num_tokens=num_tokens if num_tokens == "auto" else int(num_tokens))
+
+
+def _prompt(args):
+    if args.chat:
+        return [{"role": "user", "content": args.prompt}]
+    return args.prompt
 
 
 def cmd_generate(args) -> int:
@@ -36,32 +68,73 @@ def cmd_generate(args) -> int:
     from rich.console import Console
 
     console = Console()
-    target, draft = _models(args.target, args.draft, args.dtype)
+    target, draft, name = _models(args, console)
+    if draft is not None and args.target is None and args.model is None and args.draft is None:
+        pass  # the tiny pair: its draft model is the drafter
     sampling = js.Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    drafter = _drafter(args.drafter, draft, args.num_tokens)
-    prompts = [args.prompt]
-    # Warm-up runs compile both programs, so the timed runs below measure decoding only.
-    base = js.generate(target, prompts, args.max_new_tokens, sampling=sampling, seed=args.seed)
-    base = js.generate(target, prompts, args.max_new_tokens, sampling=sampling, seed=args.seed)
-    console.print(f"[bold]{args.prompt}[/bold]", end="")
+    drafter = _drafter(args.drafter, target, draft, args.num_tokens)
+    prompts = [_prompt(args)]
+    # Programs compile ahead of time (js.generate reports compile time apart), so each timed
+    # run below measures decoding only.
+    with console.status(f"compiling and running autoregressive {name}"):
+        base = js.generate(target, prompts, args.max_new_tokens, sampling=sampling, seed=args.seed)
+    shown = args.prompt if args.chat else args.prompt
+    console.print(f"[bold]{shown}[/bold]", end="\n" if args.chat else "")
     if drafter is None:
         console.print(base.texts[0] if base.texts else base.tokens[0].tolist(), markup=False,
                       highlight=False)
         console.print(f"\n[dim]autoregressive: {base.stats['tokens_per_s']:.1f} tokens/s[/dim]")
         return 0
-    js.generate(target, prompts, args.max_new_tokens, sampling=sampling, drafter=drafter,
-                seed=args.seed)
-    out = js.generate(target, prompts, args.max_new_tokens, sampling=sampling, drafter=drafter,
-                      seed=args.seed)
+    with console.status(f"compiling and running speculative ({type(drafter).__name__})"):
+        out = js.generate(target, prompts, args.max_new_tokens, sampling=sampling, drafter=drafter,
+                          seed=args.seed)
+    with console.status("timing again, interleaved"):  # CPU timings are noisy: best of two
+        base2 = js.generate(target, prompts, args.max_new_tokens, sampling=sampling, seed=args.seed)
+        out2 = js.generate(target, prompts, args.max_new_tokens, sampling=sampling,
+                           drafter=drafter, seed=args.seed)
+    ar_tps = max(base.stats["tokens_per_s"], base2.stats["tokens_per_s"])
+    sp_tps = max(out.stats["tokens_per_s"], out2.stats["tokens_per_s"])
     console.print(out.texts[0] if out.texts else out.tokens[0].tolist(), markup=False,
                   highlight=False)
-    speedup = out.stats["tokens_per_s"] / base.stats["tokens_per_s"]
+    speedup = sp_tps / ar_tps
     same = "identical to" if (out.tokens == base.tokens).all() else "differs from (sampled)"
     console.print(
-        f"\n[dim]speculative ({type(drafter).__name__}): {out.stats['tokens_per_s']:.1f} tokens/s, "
-        f"autoregressive: {base.stats['tokens_per_s']:.1f} tokens/s[/dim]\n"
+        f"\n[dim]{name}: speculative ({type(drafter).__name__}): {sp_tps:.1f} tokens/s, "
+        f"autoregressive: {ar_tps:.1f} tokens/s[/dim]\n"
         f"[bold green]speedup {speedup:.2f}x[/bold green] [dim](mean accepted "
         f"{out.stats['mean_accepted']:.2f} tokens per step; output {same} autoregressive)[/dim]")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    """A REPL: each line is a user turn; the whole conversation is the prompt of the next answer."""
+    import jaxspec as js
+    from rich.console import Console
+
+    console = Console()
+    args.chat = True
+    target, draft, name = _models(args, console)
+    drafter = _drafter(args.drafter, target, draft, args.num_tokens)
+    sampling = js.Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    conversation = []
+    console.print(f"[dim]{name}, drafter {type(drafter).__name__ if drafter else 'none'}; "
+                  "an empty line or Ctrl-D quits[/dim]")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        conversation.append({"role": "user", "content": line})
+        with console.status("generating"):
+            out = js.generate(target, [conversation], args.max_new_tokens, sampling=sampling,
+                              drafter=drafter, seed=args.seed)
+        answer = out.texts[0] if out.texts else str(out.tokens[0].tolist())
+        console.print(answer, markup=False, highlight=False)
+        console.print(f"[dim]{out.stats['tokens_per_s']:.1f} tokens/s, mean accepted "
+                      f"{out.stats['mean_accepted']:.2f}[/dim]")
+        conversation.append({"role": "assistant", "content": answer})
     return 0
 
 
@@ -72,8 +145,10 @@ def cmd_bench(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from jaxspec.train.recipes.default_pair import main as recipe_main
-
+    if args.recipe == "eagle":
+        from jaxspec.train.recipes.eagle import main as recipe_main
+    else:
+        from jaxspec.train.recipes.default_pair import main as recipe_main
     return recipe_main(args.rest) or 0
 
 
@@ -90,20 +165,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxspec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="complete a prompt (speculative, with its speedup)")
+    def common(p):
+        p.add_argument("--model", help="a model name (e.g. smollm2-135m-instruct, gemma-3-270m, "
+                                       "jaxspec-tiny-code), a .gguf file or an HF directory")
+        p.add_argument("--target", help="same as --model (an HF directory or .gguf file)")
+        p.add_argument("--draft", help="a draft model (name, .gguf or HF directory) for --drafter draft")
+        p.add_argument("--drafter", choices=["auto", "eagle", "draft", "lookup", "none"],
+                       default="auto", help="auto: the draft model if there is one (the tiny pair "
+                       "has one), else js.default_drafter (a shipped Eagle for SmolLM2)")
+        p.add_argument("--num-tokens", default="auto",
+                       help="draft tokens per step, or 'auto' (the drafter's default)")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--temperature", type=float, default=0.0)
+        p.add_argument("--top-k", type=int, default=0)
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--dtype", default="float32")
+
+    gen = sub.add_parser("generate", help="answer or complete a prompt (speculative, with its speedup)")
     gen.add_argument("prompt")
-    gen.add_argument("--target", help="HF model directory (default: the shipped pair)")
-    gen.add_argument("--draft", help="HF draft model directory")
-    gen.add_argument("--drafter", choices=["draft", "lookup", "none"], default="draft")
-    gen.add_argument("--num-tokens", default="3",
-                     help="draft tokens per step, or 'auto' (3 is best for the shipped pair on CPU)")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--dtype", default="float32")
+    gen.add_argument("--chat", action="store_true",
+                     help="treat the prompt as a user turn (the model's chat template is applied)")
+    common(gen)
     gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="an interactive chat (speculative)")
+    common(chat)
+    chat.set_defaults(func=cmd_chat)
 
     from jaxspec.bench.harness import add_arguments
 
@@ -111,12 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
-    train = sub.add_parser("train", help="train models (e.g. `jaxspec train default-pair`)")
-    train.add_argument("recipe", choices=["default-pair"])
+    train = sub.add_parser("train", help="train models (`jaxspec train eagle --target NAME`, "
+                                         "`jaxspec train default-pair`)")
+    train.add_argument("recipe", choices=["eagle", "default-pair"])
     train.add_argument("rest", nargs=argparse.REMAINDER)
     train.set_defaults(func=cmd_train)
 
-    convert = sub.add_parser("convert", help="re-save an HF directory (e.g. to bfloat16)")
+    convert = sub.add_parser("convert", help="write a model (HF directory, .gguf file or name) as "
+                                             "an HF safetensors directory (e.g. to bfloat16)")
     convert.add_argument("src")
     convert.add_argument("dst")
     convert.add_argument("--dtype", default="float32")

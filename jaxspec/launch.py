@@ -138,19 +138,18 @@ def run_batch(target, drafter, prompts: list, mesh, max_new_tokens: int, samplin
     import jax
     from jax.experimental import multihost_utils
 
-    import importlib
-    gen = importlib.import_module("jaxspec.generate")  # the module (js.generate is the function)
+    from jaxspec import api, decoding
     from jaxspec.sharding import check_mesh, replicate_tree
 
     batch = len(prompts)
     check_mesh(target.config, mesh, batch=batch)
     rows = local_rows(mesh, batch)
-    encoded = gen.encode_prompts(target, [prompts[r] for r in rows])
+    encoded = api.encode_prompts(target, [prompts[r] for r in rows])
     slack = 0 if drafter is None else drafter.cache_slack()
-    gen.check_lengths(target, encoded, max_new_tokens, slack)
+    api.check_lengths(target, encoded, max_new_tokens, slack)
     longest = int(np.max(multihost_utils.process_allgather(
         np.asarray(max(len(ids) for ids in encoded), np.int32))))
-    tp, m, pad = gen.bucket(longest), gen.bucket(max_new_tokens), gen.pad_token_id(target)
+    tp, m, pad = decoding.bucket(longest), decoding.bucket(max_new_tokens), api.pad_token_id(target)
     tokens = np.full((len(rows), tp), pad, np.int32)
     for i, ids in enumerate(encoded):
         tokens[i, :len(ids)] = ids
@@ -158,19 +157,19 @@ def run_batch(target, drafter, prompts: list, mesh, max_new_tokens: int, samplin
     limit = np.full((len(rows),), max_new_tokens, np.int32)
     prompt_tokens, prompt_lengths, limit = (_global(mesh, a, batch) for a in (tokens, lengths, limit))
     key = np.asarray(jax.random.PRNGKey(seed))
-    stops = gen.stop_token_array(target, None)
+    stops = api.stop_token_array(target, None)
     # Every program argument must be a global array when processes share the program.
     sampling = jax.tree_util.tree_map(
         lambda v: np.asarray(v, np.int32 if isinstance(v, int) else np.float32), sampling)
     sampling, key, stops = replicate_tree((sampling, key, stops), mesh)
     if drafter is None:
         args = (target, prompt_tokens, prompt_lengths, sampling, key, stops, limit)
-        program, _ = gen.PROGRAMS.get("autoregressive", gen._autoregressive_program, (m, pad, mesh), args)
+        program, _ = decoding.PROGRAMS.get("autoregressive", api._autoregressive_program, (m, pad, mesh), args)
     else:
         from jaxspec.speculative.loop import speculative_program
         drafter = replicate_tree(drafter, mesh)
         args = (target, drafter, prompt_tokens, prompt_lengths, sampling, key, stops, limit, None)
-        program, _ = gen.PROGRAMS.get("speculative", speculative_program, (m, pad, mesh), args)
+        program, _ = decoding.PROGRAMS.get("speculative", speculative_program, (m, pad, mesh), args)
     result = program(*args)
     out = result[0] if isinstance(result, tuple) else result
     gathered = multihost_utils.process_allgather(

@@ -32,7 +32,6 @@ Inside a user's own jit: `js.speculative.generate_tokens(..., mesh=mesh)` (or
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import json
 import os
@@ -45,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from jaxspec import placement
 
 DATA = "data"
 MODEL = "model"
@@ -63,7 +64,7 @@ RULES: tuple[tuple[str, P], ...] = (
     (r"^layers/(gate|up)/bias$", P(None, MODEL)),           # [L, F]
     (r"^layers/(o|down)/kernel$", P(None, MODEL, None)),    # [L, H*Dh | F, D] row-parallel
     (r"^layers/(o|down)/bias$", P()),                       # [L, D]     added after the reduce
-    (r"(^|/)(attn_norm|mlp_norm|final_norm|q_norm|k_norm)/(scale|bias)$", P()),
+    (r"(^|/)(post_)?(attn_norm|mlp_norm|final_norm|q_norm|k_norm)/(scale|bias)$", P()),
 )
 
 
@@ -266,14 +267,33 @@ def prepare_generate(mesh: Mesh, model, drafter, drafter_state, batch_arrays: tu
 
 
 # -- constraints inside traced programs -------------------------------------------------------
+# The active mesh lives in jaxspec.placement (below the models, which constrain the caches they
+# create); this module supplies the placement object that knows the axes and specs.
 
 @dataclasses.dataclass(frozen=True)
 class _Active:
+    """The placement `use_mesh` installs: caches and batch arrays constrained to `mesh`."""
+
     mesh: Mesh
     target: Any = None  # the target's ModelConfig: its cache is split by KV head
 
+    def _check_rows(self, rows: int):
+        if rows % _axis_size(self.mesh, DATA):
+            raise ValueError(f"mesh axis {DATA!r} has size {_axis_size(self.mesh, DATA)}, which "
+                             f"does not divide the batch of {rows} rows")
 
-_ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("jaxspec_mesh", default=None)
+    def constrain_cache(self, cache, config):
+        self._check_rows(cache.k.shape[1])
+        kv = NamedSharding(self.mesh, cache_spec(config, self.mesh, self.target))
+        rows = NamedSharding(self.mesh, P(DATA))
+        wsc = jax.lax.with_sharding_constraint
+        return cache.replace(k=wsc(cache.k, kv), v=wsc(cache.v, kv), lengths=wsc(cache.lengths, rows))
+
+    def constrain_batch(self, arrays: tuple) -> tuple:
+        for a in arrays:
+            self._check_rows(a.shape[0])
+        return tuple(jax.lax.with_sharding_constraint(a, NamedSharding(self.mesh, batch_spec(a.ndim)))
+                     for a in arrays)
 
 
 @contextlib.contextmanager
@@ -285,16 +305,13 @@ def use_mesh(mesh: Mesh, target_config=None):
     cache whose KV heads the "model" axis divides.
     """
     _check_axes(mesh)
-    token = _ACTIVE.set(_Active(mesh, target_config))
-    try:
+    with placement.placed(_Active(mesh, target_config)):
         yield mesh
-    finally:
-        _ACTIVE.reset(token)
 
 
 def active_mesh() -> Mesh | None:
-    a = _ACTIVE.get()
-    return None if a is None else a.mesh
+    a = placement.active()
+    return a.mesh if isinstance(a, _Active) else None
 
 
 def cache_spec(config, mesh: Mesh, target_config=None) -> P:
@@ -304,34 +321,10 @@ def cache_spec(config, mesh: Mesh, target_config=None) -> P:
     return P(None, DATA, None, MODEL if heads else None, None)
 
 
-def constrain_cache(cache, config):
-    """with_sharding_constraint on a KVCache when a mesh is active (else the cache unchanged)."""
-    active = _ACTIVE.get()
-    if active is None:
-        return cache
-    mesh = active.mesh
-    if cache.k.shape[1] % _axis_size(mesh, DATA):
-        raise ValueError(f"mesh axis {DATA!r} has size {_axis_size(mesh, DATA)}, which does not "
-                         f"divide the batch of {cache.k.shape[1]} rows")
-    kv = NamedSharding(mesh, cache_spec(config, mesh, active.target))
-    rows = NamedSharding(mesh, P(DATA))
-    wsc = jax.lax.with_sharding_constraint
-    return cache.replace(k=wsc(cache.k, kv), v=wsc(cache.v, kv), lengths=wsc(cache.lengths, rows))
-
-
-def constrain_batch(*arrays):
-    """Batch-major arrays [B, ...] constrained to rows on "data" when a mesh is active."""
-    active = _ACTIVE.get()
-    if active is None:
-        return arrays if len(arrays) != 1 else arrays[0]
-    mesh = active.mesh
-    for a in arrays:
-        if a.shape[0] % _axis_size(mesh, DATA):
-            raise ValueError(f"mesh axis {DATA!r} has size {_axis_size(mesh, DATA)}, which does "
-                             f"not divide the batch of {a.shape[0]} rows")
-    out = tuple(jax.lax.with_sharding_constraint(a, NamedSharding(mesh, batch_spec(a.ndim)))
-                for a in arrays)
-    return out if len(out) != 1 else out[0]
+# with_sharding_constraint on a KVCache / on batch-major arrays [B, ...] when a mesh is active
+# (else unchanged); the same functions the models and loops call.
+constrain_cache = placement.constrain_cache
+constrain_batch = placement.constrain_batch
 
 
 # -- memory accounting ------------------------------------------------------------------------
@@ -390,13 +383,12 @@ def restore_checkpoint(path: str | os.PathLike, mesh: Mesh, dtype: str = "float3
     """Restore a `save_checkpoint` directory straight into the sharded layout: every process
     reads only the array slices its devices hold (orbax StandardRestore with target shardings)."""
     import orbax.checkpoint as ocp
-    from jaxspec.models.config import ModelConfig
-    from jaxspec.models.hf import _DTYPES, _load_tokenizer
+    from jaxspec.models.hf import _DTYPES, _load_tokenizer, read_config
     from jaxspec.models.transformer import Model
     path = Path(path).absolute()
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    config = ModelConfig.from_json_file(path / "config.json")
+    config = read_config(path / "config.json")
     abstract = abstract_params(config, mesh, _DTYPES[dtype], replicate)
     checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
     params = checkpointer.restore(path / _CKPT_PARAMS, args=ocp.args.StandardRestore(abstract))

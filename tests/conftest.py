@@ -20,7 +20,7 @@ import pytest
 
 VOCAB = 128
 MAX_POSITIONS = 128
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")  # = jaxspec.models.SUPPORTED_FAMILIES
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gemma2", "gemma3")  # = SUPPORTED_FAMILIES
 
 _NO_SPECIAL = dict(eos_token_id=None, bos_token_id=None, pad_token_id=None)
 
@@ -56,6 +56,18 @@ def _hf_config(family: str):
         return tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
                              n_positions=MAX_POSITIONS, resid_pdrop=0.0, embd_pdrop=0.0,
                              attn_pdrop=0.0, **_NO_SPECIAL)
+    if family == "gemma2":
+        # Untied; both soft-caps small enough to bend these tiny models' scores and logits.
+        return tf.Gemma2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                               head_dim=32, intermediate_size=96, query_pre_attn_scalar=20,
+                               sliding_window=4, attn_logit_softcapping=0.5,
+                               final_logit_softcapping=1.0, tie_word_embeddings=False, **common)
+    if family == "gemma3":
+        # model_type gemma3_text: a sliding layer (window 4) then a global one, head_dim != D / H.
+        return tf.Gemma3TextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                   head_dim=32, intermediate_size=96, query_pre_attn_scalar=20,
+                                   sliding_window=4, final_logit_softcapping=1.0,
+                                   layer_types=["sliding_attention", "full_attention"], **common)
     raise KeyError(family)
 
 

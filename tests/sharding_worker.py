@@ -150,7 +150,7 @@ def _generate(result, mesh_shape):
 
 def section_placement(result):
     """Parameter and cache shardings, inside and outside the generation programs."""
-    from jaxspec.generate import prefill
+    from jaxspec.decoding import prefill
     from jaxspec.models.cache import KVCache
     target, draft = models()
     out = {}

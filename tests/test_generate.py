@@ -5,7 +5,6 @@ Most tests reuse one compiled program: batch 3, prompts bucketed to 16, 32 new t
 """
 
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -14,10 +13,8 @@ import pytest
 import torch
 
 import jaxspec as js
+from jaxspec import api, decoding
 from jaxspec.models import SUPPORTED_FAMILIES as FAMILIES
-
-# The module: `jaxspec.generate`, the attribute, is the function.
-gen = importlib.import_module("jaxspec.generate")
 
 VOCAB = 128  # the vocabulary of every conftest checkpoint
 
@@ -84,7 +81,7 @@ def test_stop_token_ends_row(checkpoints, llama_greedy):
         n = int(hits[0]) + 1 if hits.size else NEW
         assert out.lengths[b] == n, f"row {b}"
         np.testing.assert_array_equal(out.tokens[b, :n], full[b, :n])
-        assert (out.tokens[b, n:] == gen.pad_token_id(checkpoints["llama"].model)).all()
+        assert (out.tokens[b, n:] == api.pad_token_id(checkpoints["llama"].model)).all()
     assert out.lengths[0] == row0.index(stop) + 1 < NEW
     assert out.tokens[0, out.lengths[0] - 1] == stop
 
@@ -93,12 +90,12 @@ def test_config_eos_and_tokenizer_eos_are_stop_tokens(checkpoints, word_tokenize
     model = checkpoints["llama"].model
     config = js.ModelConfig(**{**model.config.__dict__, "eos_token_ids": (7, 9)})
     with_eos = model.replace(config=config)
-    assert gen.stop_token_array(with_eos, [3]).tolist() == [3, 7, 9]
-    assert gen.stop_token_array(model, None).tolist() == []
-    assert gen.pad_token_id(with_eos) == 7
+    assert api.stop_token_array(with_eos, [3]).tolist() == [3, 7, 9]
+    assert api.stop_token_array(model, None).tolist() == []
+    assert api.pad_token_id(with_eos) == 7
     tok = word_tokenizer.__class__(tokenizer_object=word_tokenizer.backend_tokenizer,
                                    eos_token="w11")
-    assert gen.stop_token_array(model.replace(tokenizer=tok), None).tolist() == [11]
+    assert api.stop_token_array(model.replace(tokenizer=tok), None).tolist() == [11]
 
 
 def test_sampling_with_top_k_one_is_greedy(checkpoints, llama_greedy):
@@ -111,21 +108,21 @@ def test_sampling_with_top_k_one_is_greedy(checkpoints, llama_greedy):
 def test_string_prompts_with_tokenizer(checkpoints, word_tokenizer, llama_greedy):
     model = checkpoints["llama"].model.replace(tokenizer=word_tokenizer)
     texts = [" ".join(f"w{t}" for t in p) for p in PROMPTS]
-    compilations = gen.COMPILATIONS["autoregressive"]
+    compilations = decoding.COMPILATIONS["autoregressive"]
     out = js.generate(model, texts, max_new_tokens=NEW)
-    assert gen.COMPILATIONS["autoregressive"] == compilations  # the tokenizer is not a cache key
+    assert decoding.COMPILATIONS["autoregressive"] == compilations  # the tokenizer is not a cache key
     np.testing.assert_array_equal(out.tokens, llama_greedy.tokens)
     assert out.texts == [" ".join(f"w{t}" for t in row) for row in llama_greedy.tokens.tolist()]
 
 
 def test_one_compilation_per_bucket(checkpoints, monkeypatch):
     """Two prompt sets of different lengths in the same bucket compile once; max_new_tokens=1."""
-    monkeypatch.setattr(gen, "PROGRAMS", gen._ProgramCache())
+    monkeypatch.setattr(decoding, "PROGRAMS", decoding._ProgramCache())
     model = checkpoints["llama"].model
-    before = gen.COMPILATIONS["autoregressive"]
+    before = decoding.COMPILATIONS["autoregressive"]
     a = js.generate(model, [p[:5] for p in PROMPTS], max_new_tokens=1)
     b = js.generate(model, [OTHER + OTHER[:5], PROMPTS[1], [1]], max_new_tokens=1)
-    assert gen.COMPILATIONS["autoregressive"] == before + 1
+    assert decoding.COMPILATIONS["autoregressive"] == before + 1
     assert a.stats["compile_seconds"] > 0 and b.stats["compile_seconds"] == 0
     for out in (a, b):
         assert out.tokens.shape == (3, 1)
@@ -149,15 +146,35 @@ def test_one_compilation_per_bucket(checkpoints, monkeypatch):
     ([[1]], dict(sampling=dict(temperature=0.5)), r"sampling must be a js\.Sampling, got dict"),
 ])
 def test_bad_inputs_raise_before_compute(checkpoints, prompts, kwargs, message):
-    before = dict(gen.COMPILATIONS)
+    before = dict(decoding.COMPILATIONS)
     with pytest.raises(ValueError, match=message):
         js.generate(checkpoints["llama"].model, prompts, **kwargs)
-    assert dict(gen.COMPILATIONS) == before
+    assert dict(decoding.COMPILATIONS) == before
+
+
+@pytest.mark.parametrize("seed,given", [(1.5, r"1\.5 of type float"), ("0", r"'0' of type str"),
+                                        (True, r"True of type bool"), (None, r"None of type NoneType"),
+                                        (np.float32(2), r"np\.float32\(2\.0\) of type float32")])
+def test_seed_must_be_an_integer(checkpoints, seed, given):
+    before = dict(decoding.COMPILATIONS)
+    with pytest.raises(ValueError, match=r"seed must be an integer \(e\.g\. seed=0\), got " + given):
+        js.generate(checkpoints["llama"].model, PROMPTS, max_new_tokens=NEW, seed=seed)
+    assert dict(decoding.COMPILATIONS) == before
+
+
+def test_numpy_and_jax_integer_seeds_are_accepted(checkpoints):
+    model = checkpoints["llama"].model
+    sampling = js.Sampling(temperature=0.7, top_k=40)  # same program as the top_k=1 test above
+    run = functools.partial(js.generate, model, PROMPTS, max_new_tokens=NEW, sampling=sampling)
+    expected = run(seed=3).tokens
+    for seed in (np.int64(3), np.uint32(3), jnp.int32(3)):
+        np.testing.assert_array_equal(run(seed=seed).tokens, expected)
+    assert not np.array_equal(run(seed=4).tokens, expected)
 
 
 def test_prompt_filling_the_context_is_accepted(checkpoints):
     # 100 + 28 == max_position_embeddings: the last allowed size (checked, not run).
-    gen.check_lengths(checkpoints["llama"].model, [[1] * 100], 28)
+    api.check_lengths(checkpoints["llama"].model, [[1] * 100], 28)
 
 
 def test_autoregressive_tokens_inside_user_jit(checkpoints, llama_greedy):

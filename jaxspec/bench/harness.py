@@ -98,7 +98,9 @@ def _drafting_seconds(target, drafter, prompt_tokens, prompt_lengths, sampling, 
 
 def run_jaxspec(name, target, drafter, prompts, args, sampling) -> dict:
     import jaxspec as js
-    from jaxspec.generate import PROGRAMS, bucket, encode_prompts
+    from jaxspec import decoding
+    from jaxspec.api import encode_prompts
+    from jaxspec.decoding import bucket
 
     tokens = seconds = compile_s = steps = drafted = accepted = rounds = 0
     by_position = None
@@ -136,7 +138,7 @@ def run_jaxspec(name, target, drafter, prompts, args, sampling) -> dict:
         result["drafting_share"] = min(per_round * rounds / seconds, 1.0)
     else:
         result["drafting_share"] = 0.0
-    result["program_memory_mb"] = round(PROGRAMS.last_memory_bytes / 2**20, 2)
+    result["program_memory_mb"] = round(decoding.PROGRAMS.last_memory_bytes / 2**20, 2)
     return result
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxspec.models.config import ModelConfig
+from jaxspec.placement import constrain_cache
 
 
 @struct.dataclass
@@ -29,8 +30,7 @@ class KVCache:
         shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
         cache = cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                     lengths=jnp.zeros((batch,), jnp.int32))
-        from jaxspec.sharding import constrain_cache  # split on the active mesh, if any
-        return constrain_cache(cache, config)
+        return constrain_cache(cache, config)  # split on the active mesh (use_mesh), if any
 
 
 def write_layer(cache_k: jax.Array, cache_v: jax.Array, layer: jax.Array | int,

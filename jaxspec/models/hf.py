@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxspec.models.config import ModelConfig
@@ -43,6 +43,10 @@ def _layer_names(config: ModelConfig) -> dict[str, tuple[str, bool]]:
     names = {"attn_norm/scale": "input_layernorm.weight",
              "mlp_norm/scale": "post_attention_layernorm.weight",
              "q_norm/scale": "self_attn.q_norm.weight", "k_norm/scale": "self_attn.k_norm.weight"}
+    if config.is_gemma:   # four norms per layer: around attention and around the MLP
+        names.update({"post_attn_norm/scale": "post_attention_layernorm.weight",
+                      "mlp_norm/scale": "pre_feedforward_layernorm.weight",
+                      "post_mlp_norm/scale": "post_feedforward_layernorm.weight"})
     out = {k: (base + v, False) for k, v in names.items()}
     for ours, theirs in (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"),
                          ("v", "self_attn.v_proj"), ("o", "self_attn.o_proj"),
@@ -101,14 +105,53 @@ def _expected_tensors(config: ModelConfig) -> dict[str, tuple]:
     return expected
 
 
+def _read_json(file: Path):
+    """The JSON value in `file`; a damaged file is refused with its path and the error position."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno} "
+                         f"(char {e.pos}); the file is corrupt or truncated, restore it from the "
+                         "original checkpoint") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: byte {e.start} is not UTF-8 text; the file is "
+                         "corrupt, restore it from the original checkpoint") from e
+
+
+def read_config(file: str | os.PathLike) -> ModelConfig:
+    """A checkpoint's config.json -> ModelConfig (a corrupt file is refused with its path)."""
+    file = Path(file)
+    hf = _read_json(file)
+    if not isinstance(hf, dict):
+        raise ValueError(f"{file} must hold a JSON object (a Hugging Face model config), "
+                         f"got a JSON {type(hf).__name__}")
+    return ModelConfig.from_hf_dict(hf)
+
+
+@contextlib.contextmanager
+def _reading(file: Path):
+    """Turn safetensors' errors while opening or reading `file` into a ValueError naming it."""
+    try:
+        yield
+    except SafetensorError as e:
+        raise ValueError(f"{file} is truncated or corrupt: it cannot be read as safetensors ({e}). "
+                         "Re-download or re-save the checkpoint") from e
+
+
 def _tensor_files(path: Path) -> dict[str, Path]:
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if index.exists():
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return {name: path / file for name, file in weight_map.items()}
+        weight_map = _read_json(index)
+        if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+            raise ValueError(f"{index} has no \"weight_map\" object (tensor name -> file)")
+        files = {name: path / file for name, file in weight_map["weight_map"].items()}
+        for file in sorted(set(files.values())):
+            if not file.is_file():
+                raise ValueError(f"{index} lists {file.name}, which is not in {path}")
+        return files
     if single.exists():
-        with safe_open(single, framework="numpy") as f:
+        with _reading(single), safe_open(single, framework="numpy") as f:
             return {name: single for name in f.keys()}
     found = sorted(p.name for p in path.iterdir())
     if any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in found):
@@ -116,6 +159,9 @@ def _tensor_files(path: Path) -> dict[str, Path]:
                          "safetensors only (model.safetensors or model.safetensors.index.json) and "
                          "never unpickles. Convert with transformers: "
                          "model.save_pretrained(dir, safe_serialization=True)")
+    if (path / "params").is_dir():  # jaxspec.sharding.save_checkpoint's orbax item
+        raise ValueError(f"{path} is a jaxspec sharded (orbax) checkpoint, not a safetensors "
+                         "directory: load it with js.load(path) (or js.load(path, mesh=...))")
     raise ValueError(f"no model.safetensors or model.safetensors.index.json in {path}")
 
 
@@ -136,7 +182,7 @@ def _check_checkpoint(path: Path, dtype: str):
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} has no config.json: expected a Hugging Face model directory "
                          "(config.json + model.safetensors [+ tokenizer files])")
-    config = ModelConfig.from_json_file(path / "config.json")
+    config = read_config(path / "config.json")
     files = {_normalize_name(n, config): (n, f) for n, f in _tensor_files(path).items()}
     expected = _expected_tensors(config)
     files = {n: v for n, v in files.items() if not n.endswith(_IGNORABLE_SUFFIXES)}
@@ -153,18 +199,12 @@ def _check_checkpoint(path: Path, dtype: str):
     return config, files, expected
 
 
-def load(path: str | os.PathLike, dtype: str = "float32", attn_impl: str = "auto",
-         mesh=None, replicate: bool = False) -> Model:
-    """Load a local Hugging Face checkpoint directory into a jaxspec Model.
+def load(path: str | os.PathLike, dtype: str = "float32", attn_impl: str = "auto") -> Model:
+    """Load a local Hugging Face checkpoint directory into a jaxspec Model (on one device).
 
-    mesh: a js.make_mesh mesh to load straight into the sharded layout (each process reads only
-    its slices; see jaxspec.sharding.load_sharded); replicate=True copies it whole to every device.
-    `path` may also be a jaxspec orbax checkpoint (jaxspec.sharding.save_checkpoint).
+    The public `js.load` (jaxspec.loading.load) is the entry point; it also loads onto a mesh
+    and restores jaxspec orbax checkpoints, through jaxspec.sharding.
     """
-    from jaxspec import sharding
-    if mesh is not None or sharding.is_checkpoint(path):  # orbax checkpoints restore onto a mesh
-        mesh = sharding.make_mesh(1, 1) if mesh is None else mesh
-        return sharding.load_sharded(path, mesh, dtype=dtype, attn_impl=attn_impl, replicate=replicate)
     path = Path(path)
     config, files, expected = _check_checkpoint(path, dtype)
     target = _DTYPES[dtype]
@@ -173,7 +213,7 @@ def load(path: str | os.PathLike, dtype: str = "float32", attn_impl: str = "auto
         by_file.setdefault(file, []).append(name)
     tensors = {}
     for file, names in by_file.items():
-        with safe_open(file, framework="numpy") as f:
+        with _reading(file), safe_open(file, framework="numpy") as f:
             for name in names:
                 stored = files[name][0]
                 shape = tuple(f.get_slice(stored).get_shape())
@@ -230,13 +270,18 @@ class SliceReader:
         self._stack = contextlib.ExitStack()
 
     def __enter__(self):
-        for name, (stored, file) in sorted(self.files.items()):
-            if file not in self._handles:
-                self._handles[file] = self._stack.enter_context(safe_open(file, framework="numpy"))
-            shape = tuple(self._handles[file].get_slice(stored).get_shape())
-            if shape != self.expected[name]:
-                raise ValueError(f"tensor {name!r} in {file.name} has shape {shape}, "
-                                 f"expected {self.expected[name]} from config.json")
+        try:
+            for name, (stored, file) in sorted(self.files.items()):
+                with _reading(file):
+                    if file not in self._handles:
+                        self._handles[file] = self._stack.enter_context(safe_open(file, framework="numpy"))
+                    shape = tuple(self._handles[file].get_slice(stored).get_shape())
+                if shape != self.expected[name]:
+                    raise ValueError(f"tensor {name!r} in {file.name} has shape {shape}, "
+                                     f"expected {self.expected[name]} from config.json")
+        except BaseException:
+            self.__exit__()  # `with` does not call __exit__ when __enter__ raises
+            raise
         return self
 
     def __exit__(self, *exc):
@@ -245,7 +290,8 @@ class SliceReader:
 
     def _slice(self, name: str, index: tuple) -> np.ndarray:
         stored, file = self.files[name]
-        return np.asarray(self._handles[file].get_slice(stored)[index])
+        with _reading(file):
+            return np.asarray(self._handles[file].get_slice(stored)[index])
 
     def read(self, ours: str, index: tuple) -> np.ndarray:
         """Block `index` (a tuple of slices with concrete bounds) of our parameter `ours`."""

@@ -5,10 +5,15 @@ compile time does not grow with depth). Layout:
 
   embed [V, D]; pos_embed [P, D] (gpt2)
   layers/{attn_norm,mlp_norm}/{scale,bias?} [L, D]
+  layers/{post_attn_norm,post_mlp_norm}/scale [L, D] (gemma: norms of the attention and MLP outputs)
   layers/{q,k,v}/{kernel [L, D, H*Dh], bias? [L, H*Dh]}; layers/o/{kernel [L, Hq*Dh, D], bias?}
   layers/{q_norm,k_norm}/scale [L, Dh] (qwen3)
   layers/{gate,up}/kernel [L, D, F] (gated SiLU MLP) or layers/up only (gpt2); layers/down [L, F, D]
   final_norm/{scale,bias?} [D]; lm_head/kernel [D, V] (untied only)
+
+Gemma norm scales are stored as the checkpoint holds them (w; the norm multiplies by 1 + w).
+Per-layer attention facts (sliding window or not, the rope base) enter the layer scan as scanned
+arrays, see `_layer_inputs`.
 """
 
 from __future__ import annotations
@@ -43,11 +48,14 @@ class Model:
 # -- building blocks --------------------------------------------------------------------------
 
 def _norm(x, p, config: ModelConfig):
-    """RMSNorm (llama family) or LayerNorm (gpt2), computed in float32. x: [..., D]."""
+    """RMSNorm (llama family; gemma: x (1 + w), multiplied in float32) or LayerNorm (gpt2),
+    computed in float32. x: [..., D]."""
     xf = x.astype(jnp.float32)
     if config.is_gpt2:
         xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + config.norm_eps)
+    if config.is_gemma:
+        return (y * (1.0 + p["scale"].astype(jnp.float32))).astype(x.dtype)
     if config.is_gpt2:
         return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
     return p["scale"] * y.astype(x.dtype)
@@ -71,8 +79,10 @@ def _rope(x, positions, inv_freq):
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
-def _qkv(h, lp, positions, config: ModelConfig):
-    """Project and position-encode. h: [B, T, D] -> q [B, T, Hq, Dh], k/v [B, T, Hkv, Dh]."""
+def _qkv(h, lp, positions, config: ModelConfig, inv_freq=None):
+    """Project and position-encode. h: [B, T, D] -> q [B, T, Hq, Dh], k/v [B, T, Hkv, Dh].
+
+    inv_freq: [Dh/2] this layer's rope frequencies (None = the config's global ones)."""
     batch, t, _ = h.shape
     q = _dense(h, lp["q"]).reshape(batch, t, config.num_heads, config.head_dim)
     k = _dense(h, lp["k"]).reshape(batch, t, config.num_kv_heads, config.head_dim)
@@ -81,7 +91,9 @@ def _qkv(h, lp, positions, config: ModelConfig):
         q = _norm(q, lp["q_norm"], config)
         k = _norm(k, lp["k_norm"], config)
     if not config.is_gpt2:
-        inv_freq = jnp.asarray(rope_inverse_frequencies(config), jnp.float32)
+        if inv_freq is None:
+            inv_freq = rope_inverse_frequencies(config)
+        inv_freq = jnp.asarray(inv_freq, jnp.float32)
         q, k = _rope(q, positions, inv_freq), _rope(k, positions, inv_freq)
     return q, k, v
 
@@ -90,23 +102,60 @@ def _mlp(h, lp, config: ModelConfig):
     """h: [B, T, D] -> [B, T, D]."""
     if config.is_gpt2:
         return _dense(jax.nn.gelu(_dense(h, lp["up"]), approximate=True), lp["down"])
-    return _dense(jax.nn.silu(_dense(h, lp["gate"])) * _dense(h, lp["up"]), lp["down"])
+    gate = _dense(h, lp["gate"])
+    if config.activation == "gelu_pytorch_tanh":
+        gate = jax.nn.gelu(gate, approximate=True)
+    else:
+        gate = jax.nn.silu(gate)
+    return _dense(gate * _dense(h, lp["up"]), lp["down"])
+
+
+def _block(x, lp, config: ModelConfig, attend):
+    """One decoder layer around its attention. x: [B, T, D]; attend(h [B, T, D]) -> [B, T, Hq*Dh]."""
+    attn = _dense(attend(_norm(x, lp["attn_norm"], config)), lp["o"])
+    if config.is_gemma:
+        attn = _norm(attn, lp["post_attn_norm"], config)
+    x = x + attn
+    mlp = _mlp(_norm(x, lp["mlp_norm"], config), lp, config)
+    if config.is_gemma:
+        mlp = _norm(mlp, lp["post_mlp_norm"], config)
+    return x + mlp
+
+
+def _layer_inputs(config: ModelConfig):
+    """Per-layer attention facts, numpy arrays with a leading [L] axis (scanned with the layers):
+    rope inverse frequencies [L, Dh/2] f32 (None for gpt2) and, when some but not all layers use
+    the sliding window, whether each does [L] bool (None: config.sliding_layers[0] for all)."""
+    sliding = config.sliding_layers
+    inv_freq = None
+    if not config.is_gpt2:
+        tables = {s: rope_inverse_frequencies(config, sliding=s) for s in set(sliding)}
+        inv_freq = np.asarray([tables[s] for s in sliding], np.float32)
+    use_window = np.asarray(sliding, bool) if len(set(sliding)) > 1 else None
+    return inv_freq, use_window
 
 
 def _embed(params, tokens, positions, config: ModelConfig):
     x = params["embed"][tokens]                                   # [B, T, D]
+    if config.is_gemma:   # the normalizer sqrt(D), rounded to the embedding dtype first
+        x = x * jnp.asarray(math.sqrt(config.hidden_size), jnp.float32).astype(x.dtype)
     if config.is_gpt2:
         x = x + params["pos_embed"][positions]
     return x
 
 
 def lm_head(params, hidden, config: ModelConfig):
-    """LM head. hidden: [..., D] (after the final norm) -> logits [..., V] float32."""
+    """LM head. hidden: [..., D] (after the final norm) -> logits [..., V] float32
+    (soft-capped when config.final_logit_softcap is set)."""
     if config.tie_word_embeddings:
         logits = jnp.einsum("...D,VD->...V", hidden, params["embed"])
     else:
         logits = jnp.einsum("...D,DV->...V", hidden, params["lm_head"]["kernel"])
-    return logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    if config.final_logit_softcap is not None:
+        cap = config.final_logit_softcap
+        logits = jnp.tanh(logits / cap) * cap
+    return logits
 
 
 def _unembed(params, x, config: ModelConfig):
@@ -126,31 +175,38 @@ def forward(model: Model, tokens: jax.Array, cache: KVCache, positions: jax.Arra
     advanced (see `cache.commit`). Returns (logits [B, T, V] f32, hidden [B, T, D], cache).
     """
     config, params = model.config, model.params
-    scale = 1.0 / math.sqrt(config.head_dim)
     x = _embed(params, tokens, positions, config)
+    inv_freqs, use_windows = _layer_inputs(config)           # [L, Dh/2] | None, [L] | None
+    window = config.sliding_window if any(config.sliding_layers) else None
 
     def layer(carry, inputs):
         x, cache_k, cache_v = carry
-        lp, index = inputs
-        q, k, v = _qkv(_norm(x, lp["attn_norm"], config), lp, positions, config)
-        cache_k, cache_v = write_layer(cache_k, cache_v, index, k, v, cache.lengths)
-        layer_k = jax.lax.dynamic_index_in_dim(cache_k, index, 0, keepdims=False)  # [B, S, Hkv, Dh]
-        layer_v = jax.lax.dynamic_index_in_dim(cache_v, index, 0, keepdims=False)
-        out = attention(q, layer_k, layer_v, cache.lengths, mask, scale=scale,
-                        impl=model.attn_impl, sliding_window=config.sliding_window,
-                        query_positions=positions)                             # [B, T, Hq, Dh]
-        x = x + _dense(out.reshape(*out.shape[:2], -1), lp["o"])
-        x = x + _mlp(_norm(x, lp["mlp_norm"], config), lp, config)
+        lp, index, inv_freq, use_window = inputs
+
+        def attend(h):
+            nonlocal cache_k, cache_v
+            q, k, v = _qkv(h, lp, positions, config, inv_freq)
+            cache_k, cache_v = write_layer(cache_k, cache_v, index, k, v, cache.lengths)
+            layer_k = jax.lax.dynamic_index_in_dim(cache_k, index, 0, keepdims=False)  # [B, S, Hkv, Dh]
+            layer_v = jax.lax.dynamic_index_in_dim(cache_v, index, 0, keepdims=False)
+            out = attention(q, layer_k, layer_v, cache.lengths, mask, scale=config.attn_scale,
+                            impl=model.attn_impl, sliding_window=window, query_positions=positions,
+                            use_window=use_window, softcap=config.attn_logit_softcap)  # [B, T, Hq, Dh]
+            return out.reshape(*out.shape[:2], -1)
+
+        x = _block(x, lp, config, attend)
         return (x, cache_k, cache_v), None
 
     if isinstance(params["layers"], (list, tuple)):   # unstacked: see unstack_layers
         carry = (x, cache.k, cache.v)
         for index, lp in enumerate(params["layers"]):
-            carry, _ = layer(carry, (lp, index))
+            carry, _ = layer(carry, (lp, index, None if inv_freqs is None else inv_freqs[index],
+                                     None if use_windows is None else bool(use_windows[index])))
         x, k, v = carry
     else:
         layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
-        (x, k, v), _ = jax.lax.scan(layer, (x, cache.k, cache.v), (params["layers"], layer_ids))
+        (x, k, v), _ = jax.lax.scan(layer, (x, cache.k, cache.v),
+                                    (params["layers"], layer_ids, inv_freqs, use_windows))
     logits, hidden = _unembed(params, x, config)
     return logits, hidden, cache.replace(k=k, v=v)
 
@@ -177,30 +233,41 @@ def forward_train(params, config: ModelConfig, tokens: jax.Array):
     """
     batch, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
-    scale = 1.0 / math.sqrt(config.head_dim)
     x = _embed(params, tokens, positions, config)
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    if config.sliding_window is not None:
-        causal &= (jnp.arange(t)[:, None] - jnp.arange(t)[None, :]) < config.sliding_window
+    causal = jnp.tril(jnp.ones((t, t), bool))                                # [T, T]
+    windowed = causal
+    if any(config.sliding_layers):
+        windowed = causal & ((jnp.arange(t)[:, None] - jnp.arange(t)[None, :])
+                             < config.sliding_window)
+    inv_freqs, use_windows = _layer_inputs(config)
     groups = config.num_heads // config.num_kv_heads
 
-    def layer(x, lp):
-        q, k, v = _qkv(_norm(x, lp["attn_norm"], config), lp, positions, config)
-        qg = q.reshape(batch, t, config.num_kv_heads, groups, config.head_dim)
-        scores = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k,
-                            preferred_element_type=jnp.float32) * scale   # [B, K, G, T, T]
-        scores = jnp.where(causal, scores, -1e30)
-        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("BKGTS,BSKD->BTKGD", weights, v).reshape(batch, t, -1)
-        x = x + _dense(out, lp["o"])
-        x = x + _mlp(_norm(x, lp["mlp_norm"], config), lp, config)
-        return x, None
+    def layer(x, inputs):
+        lp, inv_freq, use_window = inputs
+        if use_window is None:
+            visible = windowed if config.sliding_layers[0] else causal
+        else:
+            visible = jnp.where(use_window, windowed, causal)
+
+        def attend(h):
+            q, k, v = _qkv(h, lp, positions, config, inv_freq)
+            qg = q.reshape(batch, t, config.num_kv_heads, groups, config.head_dim)
+            scores = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k,
+                                preferred_element_type=jnp.float32) * config.attn_scale  # [B, K, G, T, T]
+            if config.attn_logit_softcap is not None:
+                scores = jnp.tanh(scores / config.attn_logit_softcap) * config.attn_logit_softcap
+            scores = jnp.where(visible, scores, -1e30)
+            weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+            return jnp.einsum("BKGTS,BSKD->BTKGD", weights, v).reshape(batch, t, -1)
+
+        return _block(x, lp, config, attend), None
 
     if isinstance(params["layers"], (list, tuple)):   # unstacked: see unstack_layers
-        for lp in params["layers"]:
-            x, _ = layer(x, lp)
+        for i, lp in enumerate(params["layers"]):
+            x, _ = layer(x, (lp, None if inv_freqs is None else inv_freqs[i],
+                             None if use_windows is None else bool(use_windows[i])))
     else:
-        x, _ = jax.lax.scan(layer, x, params["layers"])
+        x, _ = jax.lax.scan(layer, x, (params["layers"], inv_freqs, use_windows))
     return _unembed(params, x, config)
 
 
@@ -233,6 +300,9 @@ def param_shapes(config: ModelConfig) -> dict:
     if c.qk_norm:
         layers["q_norm"] = {"scale": (n, c.head_dim)}
         layers["k_norm"] = {"scale": (n, c.head_dim)}
+    if c.is_gemma:
+        layers["post_attn_norm"] = norm(d)
+        layers["post_mlp_norm"] = norm(d)
     shapes = {"embed": (c.vocab_size, d), "layers": layers, "final_norm": norm(d, stacked=False)}
     if c.is_gpt2:
         shapes["pos_embed"] = (c.max_position_embeddings, d)
@@ -242,7 +312,7 @@ def param_shapes(config: ModelConfig) -> dict:
 
 
 def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02):
-    """Random parameters: normal(std) matrices, unit norm scales, zero biases."""
+    """Random parameters: normal(std) matrices, unit norm scales (gemma: w = 0), zero biases."""
     shapes = param_shapes(config)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(
         shapes, is_leaf=lambda x: isinstance(x, tuple))
@@ -251,7 +321,7 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, std: flo
     for (path, shape), k in zip(leaves, keys):
         name = jax.tree_util.keystr(path)
         if "scale" in name:
-            out.append(jnp.ones(shape, dtype))
+            out.append((jnp.zeros if config.is_gemma else jnp.ones)(shape, dtype))
         elif "bias" in name:
             out.append(jnp.zeros(shape, dtype))
         else:

@@ -16,11 +16,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxspec.generate import TokenOutput, prefill, stop_mask
+from jaxspec.autoregressive import autoregressive_tokens
+from jaxspec.decoding import TokenOutput, prefill, stop_mask
 from jaxspec.models.cache import KVCache, commit, compact
 from jaxspec.models.transformer import Model, forward, unstack_layers
+from jaxspec.placement import constrain_batch
 from jaxspec.sampling import Sampling, sample
 from jaxspec.speculative.draft import Context, Draft
+from jaxspec.speculative.drafters.base import check_drafter
 from jaxspec.speculative.trees import TreeSpec
 from jaxspec.speculative.verify import verify
 
@@ -65,11 +68,10 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
                                    pad_id=pad_id, rule=rule, drafter_state=drafter_state,
                                    return_cache=return_cache)
     if drafter is None:
-        from jaxspec.generate import autoregressive_tokens
         return autoregressive_tokens(target, prompt_tokens, prompt_lengths, max_new_tokens,
                                      sampling, key, stop_tokens, limit, pad_id), None
-    from jaxspec.sharding import constrain_batch  # no-op unless a mesh is active
-    prompt_tokens, prompt_lengths = constrain_batch(prompt_tokens, prompt_lengths)
+    check_drafter(drafter)
+    prompt_tokens, prompt_lengths = constrain_batch(prompt_tokens, prompt_lengths)  # if on a mesh
     if jax.default_backend() == "cpu":  # per-layer weights sliced once, not every step (see
         target = _unstacked(target)     # transformer.unstack_layers); same as the baseline
         if isinstance(getattr(drafter, "model", None), Model):
@@ -87,14 +89,20 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
     rows = jnp.arange(batch)
 
     cache = KVCache.create(target.config, batch, max_len, target.dtype)
-    logits, _, cache = prefill(target, prompt_tokens, prompt_lengths, cache)
+    uses_hidden = getattr(drafter, "uses_target_hidden", False)  # feature drafters (Eagle, Medusa)
+    logits, prompt_hidden, cache = prefill(target, prompt_tokens, prompt_lengths, cache,
+                                           all_hidden=uses_hidden)
     first = sample(jax.random.fold_in(key, 0), logits, sampling)                  # [B]
     history = jnp.zeros((batch, max_len), jnp.int32).at[:, :tp].set(prompt_tokens)
     history = history.at[rows, prompt_lengths].set(first)
     out = jnp.full((batch, max_new_tokens + n), pad_id, jnp.int32).at[:, 0].set(first)
     n_out = jnp.ones((batch,), jnp.int32)
     done = stop_mask(first, stop_tokens) | (n_out >= limit)
-    dstate = drafter.init(target, prompt_tokens, prompt_lengths, max_len, drafter_state)
+    if uses_hidden:
+        dstate = drafter.init(target, prompt_tokens, prompt_lengths, max_len, drafter_state,
+                              target_hidden=prompt_hidden)
+    else:
+        dstate = drafter.init(target, prompt_tokens, prompt_lengths, max_len, drafter_state)
     zeros = jnp.zeros((batch,), jnp.int32)
     stats = (jnp.ones((batch,), jnp.int32), zeros, zeros, jnp.zeros((batch, depth_max), jnp.int32))
 
@@ -111,7 +119,7 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
         draft, dstate = drafter.propose(state["dstate"], ctx, sampling, draft_key, vocab)
         depth, mask = tree_tables(draft, depth_max, tree)
         positions = cache.lengths[:, None] + depth                                 # [B, N]
-        target_logits, _, cache = forward(target, draft.tokens, cache, positions, mask)
+        target_logits, target_hidden, cache = forward(target, draft.tokens, cache, positions, mask)
         verdict = verify(rule, draft, target_logits, sampling, verify_key,
                          max_depth=depth_max, max_children=max_children)
         accepted = verdict.num_accepted                                            # [B]
@@ -137,7 +145,11 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
         if not _is_chain(tree):
             cache = compact(cache, verdict.path, jnp.where(active, accepted + 1, 0))
         cache = commit(cache, jnp.where(active, jnp.minimum(accepted + 1, count), 0))
-        dstate = drafter.commit(dstate, ctx, draft, verdict, target_logits)
+        if uses_hidden:
+            dstate = drafter.commit(dstate, ctx, draft, verdict, target_logits,
+                                    target_hidden=target_hidden)
+        else:
+            dstate = drafter.commit(dstate, ctx, draft, verdict, target_logits)
         steps, drafted, acc, by_pos = state["stats"]
         drafted_now = jnp.sum(draft.valid, axis=1) - 1
         stats = (steps + active, drafted + jnp.where(active, drafted_now, 0),

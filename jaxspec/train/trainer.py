@@ -154,7 +154,7 @@ def make_eval_fn(loss_fn: Callable):
     def evaluate(params, batches, *extra) -> dict[str, float]:
         sums: dict[str, float] = {}
         for b in batches:
-            for k, v in step(params, jnp.asarray(b), *extra).items():
+            for k, v in step(params, jax.tree_util.tree_map(jnp.asarray, b), *extra).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         out = {k: v / max(len(batches), 1) for k, v in sums.items()}
         if "loss" in out:
@@ -254,9 +254,10 @@ def train(params, model_config: ModelConfig, data: BatchSource, cfg: TrainConfig
                     log(console, f"[{name}] time budget of {cfg.max_minutes} min reached at "
                                   f"step {int(state.step)}")
                     break
-                batch, position = data.batch(position)
-                tokens_per_step = int(batch.shape[0]) * (int(batch.shape[1]) - 1)
-                state, metrics = train_step(state, jnp.asarray(batch), *extra)
+                batch, position = data.batch(position)   # an array [B, T+1] or a pytree of them
+                first = jax.tree_util.tree_leaves(batch)[0]
+                tokens_per_step = int(first.shape[0]) * (int(first.shape[1]) - 1)
+                state, metrics = train_step(state, jax.tree_util.tree_map(jnp.asarray, batch), *extra)
                 step = int(state.step)
                 if on_step is not None:
                     on_step(step, metrics)

@@ -42,7 +42,7 @@ def test_unknown_family_lists_supported():
     with pytest.raises(ValueError, match=r"unsupported model family 'bert'.*supported: "
                                          r"llama, mistral, qwen2, qwen3, gpt2"):
         ModelConfig.from_hf_dict(dict(BASE, model_type="bert"))
-    assert SUPPORTED_FAMILIES == ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+    assert SUPPORTED_FAMILIES == ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gemma2", "gemma3")
 
 
 def test_unsupported_options_are_refused():

@@ -1,6 +1,7 @@
 """Hugging Face checkpoint directories: save / load round trips and refusals."""
 
 import json
+import re
 import shutil
 
 import jax
@@ -123,6 +124,30 @@ def test_refuses_unknown_dtype(checkpoints):
     with pytest.raises(ValueError, match=r"dtype must be one of \['bfloat16', 'float16', "
                                          r"'float32'\], got 'int8'"):
         js.load(checkpoints["llama"].path, dtype="int8")
+
+
+def test_refuses_truncated_safetensors_naming_the_file(checkpoints, tmp_path):
+    js.save(checkpoints["llama"].model, tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2])
+    message = re.escape(str(weights)) + r" is truncated or corrupt: it cannot be read as safetensors"
+    with pytest.raises(ValueError, match=message):
+        js.load(tmp_path)
+    with pytest.raises(ValueError, match=message):  # the sharded reader too
+        js.load(tmp_path, mesh=js.make_mesh(1, 1))
+
+
+def test_refuses_corrupt_config_naming_the_file_and_position(llama_copy):
+    config = llama_copy / "config.json"
+    text = config.read_text()
+    config.write_text(text[:len(text) // 2])
+    with pytest.raises(ValueError, match=re.escape(str(config)) + r" is not valid JSON: .* at "
+                                         r"line \d+ column \d+ \(char \d+\); the file is corrupt"):
+        js.load(llama_copy)
+    config.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=re.escape(str(config)) + " must hold a JSON object"):
+        js.load(llama_copy)
 
 
 def test_tokenizer_is_saved_and_loaded(checkpoints, word_tokenizer, tmp_path):

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import jaxspec as js
-from jaxspec.generate import COMPILATIONS, check_lengths
+from jaxspec.api import check_lengths
+from jaxspec.decoding import COMPILATIONS
 from jaxspec.speculative.draft import Context, Draft
 from jaxspec.speculative.drafters.draft_model import DraftModelState
 from jaxspec.speculative.drafters.prompt_lookup import find_continuation
@@ -73,6 +74,52 @@ def test_prompt_lookup_refuses_bad_ngram(ngram):
 def test_prompt_lookup_refuses_bad_num_tokens(num_tokens):
     with pytest.raises(ValueError, match=r"num_tokens must be an integer in \[1, 256\]"):
         js.PromptLookup(ngram=2, num_tokens=num_tokens)
+
+
+# -- not a drafter ---------------------------------------------------------------------------
+
+_NOT_A_DRAFTER = (r"drafter must be None or a jaxspec drafter \(js\.DraftModel, js\.PromptLookup, "
+                  r"js\.TokenRecycling, \.\.\.\), got ")
+
+
+@pytest.mark.parametrize("drafter,given", [
+    ("draft", r"'draft' of type str, which lacks tree, init, propose, commit, cache_slack, "
+              r"check_compatible"),
+    (5, r"5 of type int, which lacks tree"),
+    ({"num_tokens": 4}, r"\{'num_tokens': 4\} of type dict, which lacks tree"),
+    (js.PromptLookup, r"the class PromptLookup itself: pass an instance, e\.g\. PromptLookup\(\.\.\.\)"),
+])
+def test_generate_refuses_what_is_not_a_drafter(target, drafter, given):
+    _refused(target, drafter, _NOT_A_DRAFTER + given)
+
+
+def test_generate_refuses_a_model_as_drafter(target):
+    _refused(target, target, _NOT_A_DRAFTER + r"a js\.Model: wrap a draft model as js\.DraftModel")
+
+
+def test_generate_tokens_refuses_what_is_not_a_drafter(target, tiny):
+    tokens, lengths = jnp.zeros((1, 16), jnp.int32), jnp.ones((1,), jnp.int32)
+    with pytest.raises(ValueError, match=_NOT_A_DRAFTER + "'draft' of type str"):
+        js.speculative.generate_tokens(target, "draft", tokens, lengths, tiny.max_new,
+                                       js.Sampling(), jax.random.PRNGKey(0))
+
+
+def test_any_object_with_the_drafter_protocol_passes(target):
+    """Duck typing: a future drafter (Eagle, Medusa) needs the protocol, not a base class."""
+    from jaxspec.speculative.drafters.base import PROTOCOL, check_drafter
+
+    @dataclasses.dataclass(frozen=True)
+    class Wrapped:  # forwards everything to a prompt-lookup drafter
+        inner: js.PromptLookup
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    lookup = js.PromptLookup(ngram=2, num_tokens=4)
+    check_drafter(lookup)
+    check_drafter(js.DraftModel(target, num_tokens=2))
+    check_drafter(Wrapped(lookup))
+    assert PROTOCOL == ("tree", "init", "propose", "commit", "cache_slack", "check_compatible")
 
 
 # -- compatibility with the target ------------------------------------------------------------

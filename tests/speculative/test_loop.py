@@ -19,7 +19,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 import jaxspec as js
-from jaxspec.generate import COMPILATIONS
+from jaxspec.decoding import COMPILATIONS
 from jaxspec.models import forward_train
 from jaxspec.sampling import probabilities
 from jaxspec.speculative import generate_tokens

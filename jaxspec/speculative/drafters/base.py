@@ -15,6 +15,28 @@ from __future__ import annotations
 
 from jaxspec.models.transformer import Model
 
+# The drafter protocol above, by name: an attribute and five methods.
+PROTOCOL = ("tree", "init", "propose", "commit", "cache_slack", "check_compatible")
+_METHODS = PROTOCOL[1:]
+
+
+def check_drafter(drafter) -> None:
+    """Refuse what is not a drafter (a string, a class, a Model) with a ValueError saying what
+    would be accepted. Duck-typed on PROTOCOL, so any drafter that provides it passes."""
+    accepted = ("drafter must be None or a jaxspec drafter (js.DraftModel, js.PromptLookup, "
+                "js.TokenRecycling, ...)")
+    if isinstance(drafter, type):
+        raise ValueError(f"{accepted}, got the class {drafter.__name__} itself: pass an instance, "
+                         f"e.g. {drafter.__name__}(...)")
+    if isinstance(drafter, Model):
+        raise ValueError(f"{accepted}, got a js.Model: wrap a draft model as "
+                         "js.DraftModel(draft_model, num_tokens=...)")
+    missing = [name for name in PROTOCOL
+               if not hasattr(drafter, name) or (name in _METHODS and not callable(getattr(drafter, name)))]
+    if missing:
+        raise ValueError(f"{accepted}, got {drafter!r:.80} of type {type(drafter).__name__}, "
+                         f"which lacks {', '.join(missing)}")
+
 
 def check_num_tokens(num_tokens, name: str = "num_tokens", maximum: int = 256) -> None:
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or not 1 <= num_tokens <= maximum:

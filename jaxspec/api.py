@@ -1,0 +1,204 @@
+"""Host entries: `js.generate` validates, tokenizes, buckets shapes so a new prompt length does
+not recompile, runs one compiled program (autoregressive or speculative) and detokenizes.
+
+The programs themselves are pure functions on token arrays: `jaxspec.autoregressive` and
+`jaxspec.speculative.loop`; they are compiled once per static shape through
+`jaxspec.decoding.PROGRAMS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from jaxspec import chat
+from jaxspec import decoding
+from jaxspec.autoregressive import autoregressive_tokens
+from jaxspec.decoding import TokenOutput, bucket
+from jaxspec.models.transformer import Model
+from jaxspec.sampling import Sampling
+from jaxspec.speculative.drafters.base import check_drafter
+from jaxspec.speculative.loop import speculative_program
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    texts: list[str] | None
+    tokens: np.ndarray      # int32 [B, max_new_tokens]
+    lengths: np.ndarray     # int32 [B]
+    stats: dict[str, Any]
+    drafter_state: Any = None  # the drafter's state after the run (e.g. Token Recycling's table)
+
+
+def encode_prompts(model: Model, prompts: Sequence) -> list[list[int]]:
+    """Strings (needs a tokenizer), conversations (chat template applied) or token-id lists ->
+    token-id lists; validated."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of strings, of conversations (lists of "
+                         '{"role", "content"} dicts) or of token-id lists')
+    if chat.is_conversation(prompts):
+        raise ValueError("prompts is a single conversation; pass a list of them: [conversation]")
+    encoded = []
+    for i, prompt in enumerate(prompts):
+        if chat.is_conversation(prompt):
+            ids = chat.encode_conversation(model.tokenizer, prompt, i)
+        elif isinstance(prompt, str):
+            if model.tokenizer is None:
+                raise ValueError("string prompts need a tokenizer, and this model has none "
+                                 "(no tokenizer files in its directory): pass token-id lists")
+            ids = list(model.tokenizer(prompt)["input_ids"])
+        else:
+            ids = [int(t) for t in np.asarray(prompt).reshape(-1)]
+            bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary "
+                                 f"[0, {model.config.vocab_size})")
+        if len(ids) == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        encoded.append(ids)
+    return encoded
+
+
+def check_lengths(model: Model, encoded: list[list[int]], max_new_tokens: int, extra: int = 0):
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    limit = model.config.max_position_embeddings
+    for i, ids in enumerate(encoded):
+        if len(ids) + max_new_tokens + extra > limit:
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens}"
+                + (f" and {extra} draft slots" if extra else "")
+                + f" it needs {len(ids) + max_new_tokens + extra} positions, but the model "
+                f"supports at most {limit} (max_position_embeddings)")
+
+
+def check_seed(seed) -> None:
+    """Refuse a seed jax.random.PRNGKey would choke on (floats, strings) or misread (bools)."""
+    is_int = isinstance(seed, (int, np.integer)) or (
+        np.ndim(seed) == 0 and np.issubdtype(getattr(seed, "dtype", np.float64), np.integer))
+    if isinstance(seed, (bool, np.bool_)) or not is_int:
+        raise ValueError(f"seed must be an integer (e.g. seed=0), got {seed!r} "
+                         f"of type {type(seed).__name__}")
+
+
+def stop_token_array(model: Model, stop_tokens) -> np.ndarray:
+    ids = set(model.config.eos_token_ids)
+    if model.tokenizer is not None and model.tokenizer.eos_token_id is not None:
+        ids.add(int(model.tokenizer.eos_token_id))
+    for t in stop_tokens or ():
+        if not 0 <= int(t) < model.config.vocab_size:
+            raise ValueError(f"stop token {t} is outside the vocabulary [0, {model.config.vocab_size})")
+        ids.add(int(t))
+    return np.asarray(sorted(ids), np.int32)
+
+
+def pad_token_id(model: Model) -> int:
+    c = model.config
+    if c.pad_token_id is not None:
+        return int(c.pad_token_id)
+    return int(c.eos_token_ids[0]) if c.eos_token_ids else 0
+
+
+def _autoregressive_program(max_new_tokens, pad_id, mesh, model, prompt_tokens, prompt_lengths,
+                            sampling, key, stop_tokens, limit):
+    return autoregressive_tokens(model, prompt_tokens, prompt_lengths, max_new_tokens, sampling,
+                                 key, stop_tokens, limit, pad_id, mesh=mesh)
+
+
+def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64,
+             sampling: Sampling | None = None, drafter=None, seed: int = 0,
+             stop_tokens: Sequence[int] | None = None, drafter_state=None,
+             mesh=None) -> GenerateOutput:
+    """Generate continuations of `prompts` (strings, conversations or token-id lists).
+
+    A conversation is a list of {"role", "content"} dicts: the model's chat template is applied
+    with the generation prompt, and its end-of-turn token stops the row.
+
+    drafter=None decodes autoregressively; a drafter (js.DraftModel, js.PromptLookup, ...) runs
+    speculative decoding, whose output is exactly what the target alone would produce.
+    mesh (js.make_mesh): run sharded; the target is split by jaxspec.sharding.RULES (unless
+    already placed on this mesh), the drafter replicated, the prompts split by row on "data".
+    """
+    sampling = Sampling() if sampling is None else sampling
+    if not isinstance(sampling, Sampling):
+        raise ValueError(f"sampling must be a js.Sampling, got {type(sampling).__name__}")
+    check_seed(seed)
+    if drafter is not None:
+        check_drafter(drafter)
+    encoded = encode_prompts(model, prompts)
+    slack = 0 if drafter is None else drafter.cache_slack()
+    check_lengths(model, encoded, max_new_tokens, slack)
+    if drafter is not None:
+        drafter.check_compatible(model)
+        if hasattr(drafter, "check_positions"):
+            drafter.check_positions(max(len(ids) for ids in encoded) + max_new_tokens + slack)
+    batch = len(encoded)
+    tp = bucket(max(len(ids) for ids in encoded))
+    m = bucket(max_new_tokens)
+    pad = pad_token_id(model)
+    prompt_tokens = np.full((batch, tp), pad, np.int32)
+    for i, ids in enumerate(encoded):
+        prompt_tokens[i, :len(ids)] = ids
+    prompt_lengths = np.asarray([len(ids) for ids in encoded], np.int32)
+    if any(chat.is_conversation(p) for p in prompts):  # the template's end of turn stops a row
+        stop_tokens = list(stop_tokens or ()) + chat.end_of_turn_ids(model.tokenizer)
+    stops = stop_token_array(model, stop_tokens)
+    key = jax.random.PRNGKey(seed)
+    limit = np.full((batch,), max_new_tokens, np.int32)
+    if mesh is not None:
+        from jaxspec.sharding import prepare_generate
+        model, drafter, drafter_state, (prompt_tokens, prompt_lengths, limit) = prepare_generate(
+            mesh, model, drafter, drafter_state, (prompt_tokens, prompt_lengths, limit))
+    program_model = model.replace(tokenizer=None)  # host-only: not part of the program's key
+    if isinstance(getattr(drafter, "model", None), Model):
+        drafter = drafter.replace(model=drafter.model.replace(tokenizer=None))
+    if drafter is None:
+        args = (program_model, prompt_tokens, prompt_lengths, sampling, key, stops, limit)
+        program, compile_s = decoding.PROGRAMS.get("autoregressive", _autoregressive_program,
+                                                   (m, pad, mesh), args)
+    else:
+        args = (program_model, drafter, prompt_tokens, prompt_lengths, sampling, key, stops, limit,
+                drafter_state)
+        program, compile_s = decoding.PROGRAMS.get("speculative", speculative_program,
+                                                   (m, pad, mesh), args)
+    start = time.perf_counter()
+    result = program(*args)
+    result = jax.block_until_ready(result)
+    elapsed = time.perf_counter() - start
+    out = result[0] if isinstance(result, tuple) else result
+    tokens = np.array(out.tokens)[:, :max_new_tokens]
+    lengths = np.minimum(np.asarray(out.lengths), max_new_tokens)
+    for i in range(batch):
+        tokens[i, lengths[i]:] = pad
+    texts = None
+    if model.tokenizer is not None:
+        texts = [model.tokenizer.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True)
+                 for i in range(batch)]
+    stats = _stats(out, lengths, elapsed, compile_s)
+    return GenerateOutput(texts=texts, tokens=tokens, lengths=lengths, stats=stats,
+                          drafter_state=result[1] if isinstance(result, tuple) else None)
+
+
+def _stats(out: TokenOutput, lengths: np.ndarray, elapsed: float, compile_s: float) -> dict:
+    steps = np.asarray(out.target_steps)
+    drafted = np.asarray(out.drafted)
+    accepted = np.asarray(out.accepted)
+    by_position = np.asarray(out.accepted_by_position)
+    rounds = np.maximum(steps - 1, 0)  # speculative rounds after the prefill
+    return {
+        "target_steps": steps.tolist(),
+        "drafted": drafted.tolist(),
+        "accepted": accepted.tolist(),
+        "accepted_by_position": by_position.tolist(),
+        "mean_accepted": float(accepted.sum() / max(rounds.sum(), 1)) if drafted.sum() else 0.0,
+        "acceptance_rate": float(accepted.sum() / drafted.sum()) if drafted.sum() else 0.0,
+        "tokens_per_step": float(lengths.sum() / max(steps.sum(), 1)),
+        "generated_tokens": int(lengths.sum()),
+        "seconds": elapsed,
+        "compile_seconds": compile_s,
+        "tokens_per_s": float(lengths.sum() / elapsed) if elapsed > 0 else float("inf"),
+    }

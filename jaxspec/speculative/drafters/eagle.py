@@ -1,0 +1,341 @@
+"""Eagle: an EAGLE-style feature drafter (one decoder layer over the target's own hidden states).
+
+Notation: x_p is the token at position p, f_p the target's final hidden state after x_p (after the
+final norm: the vector the target's LM head reads, as in the EAGLE reference code, which feeds
+`base_model.model(...)[0]` to the drafter), e the target's frozen token embedding.
+
+The drafter's input at position p is fc([f_p ; e(x_{p+1})]) ([2D] -> [D]); one decoder layer of
+the target's own shape (causal attention over the drafter's own KV cache) turns it into h_p, a
+prediction of f_{p+1}; the LM head (the target's tied embedding, restricted to the V' token ids of
+VocabTrim, `head_ids`) turns h_p into draft logits for x_{p+2}. Drafting goes on from predicted
+features: a drafted node's input is [h_parent ; e(its token)].
+
+Per round, with c committed target positions (root x_c not yet in the target's cache):
+  1. catch-up: positions whose true features arrived since the last round (the accepted path
+     of the last verification, or the prompt's last position) are fed with their true features
+     (at most max_depth + 1 of them, a static window); the output at position c - 1 is h_root
+     (predicted f_c), whose logits give the root's children. The drafter's cache then holds
+     exactly the positions < c, all computed from true features.
+  2. one feed per tree level: nodes 1 .. end of the draft tree, each at position c + depth - 1,
+     attending to the cache and to their own tree ancestors, give the logits of the next level.
+     (Earlier levels are re-fed each level, so no node sees a cousin; the layer is small.)
+Children are the top-(number of children) draft tokens at temperature 0 and a Gumbel-top-k
+without-replacement draw from the processed draft distribution q otherwise (rule
+"speculative_wor", lossless; q is zero outside the V' head tokens). After verification the
+target's hidden states at the accepted path become the next round's catch-up features.
+
+`Eagle.load(path)` reads a trained drafter (safetensors + config.json); `Eagle.create(target)`
+makes a random one (tests, training from scratch). A drafter is tied to the target it was trained
+for: `check_compatible` refuses another target by hidden size, vocabulary or weight fingerprint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxspec.attention import attention
+from jaxspec.models.cache import KVCache, write_layer
+from jaxspec.models.config import ModelConfig
+from jaxspec.models.transformer import Model, _dense, _mlp, _norm, _qkv
+from jaxspec.sampling import Sampling, processed_logits
+from jaxspec.speculative.draft import Context, Draft
+from jaxspec.speculative.trees import TreeSpec, chain
+
+
+def fingerprint(target: Model) -> str:
+    """A short hash of a target's config and a sample of its weights (embedding and final norm)."""
+    c = target.config
+    h = hashlib.sha256(repr((c.family, c.vocab_size, c.hidden_size, c.num_layers, c.num_heads,
+                             c.num_kv_heads, c.head_dim, c.intermediate_size)).encode())
+    embed = np.asarray(jax.device_get(target.params["embed"][:64:7, :64]), np.float32)
+    norm = np.asarray(jax.device_get(target.params["final_norm"]["scale"][:64]), np.float32)
+    h.update(np.round(embed, 3).tobytes())
+    h.update(np.round(norm, 3).tobytes())
+    return h.hexdigest()[:16]
+
+
+def layer_config(target_config: ModelConfig) -> ModelConfig:
+    """The drafter's one decoder layer: the target's layer shape, llama-style."""
+    c = target_config
+    return ModelConfig(family="llama", vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                       num_layers=1, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+                       head_dim=c.head_dim, intermediate_size=c.intermediate_size,
+                       max_position_embeddings=c.max_position_embeddings, norm_eps=c.norm_eps,
+                       rope_theta=c.rope_theta, rope_scaling=c.rope_scaling)
+
+
+def init_params(config: ModelConfig, num_head_tokens: int, key, dtype=jnp.float32) -> dict:
+    """Random drafter parameters: fc [2D, D] + bias, one decoder layer, head_ids [V']."""
+    d, f, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
+    keys = iter(jax.random.split(key, 8))
+
+    def w(shape, fan_in):
+        return (jax.random.normal(next(keys), shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype)
+
+    layer = {"attn_norm": {"scale": jnp.ones((d,), dtype)}, "mlp_norm": {"scale": jnp.ones((d,), dtype)},
+             "q": {"kernel": w((d, q), d)}, "k": {"kernel": w((d, kv), d)},
+             "v": {"kernel": w((d, kv), d)}, "o": {"kernel": w((q, d), q) * 0.1},
+             "gate": {"kernel": w((d, f), d)}, "up": {"kernel": w((d, f), d)},
+             "down": {"kernel": w((f, d), f) * 0.1}}
+    return {"fc": {"kernel": w((2 * d, d), 2 * d), "bias": jnp.zeros((d,), dtype)}, "layer": layer,
+            "head_ids": jnp.arange(num_head_tokens, dtype=jnp.int32)}
+
+
+def draft_features(params: dict, config: ModelConfig, features, next_embeds):
+    """fc([f ; e]) -> the decoder layer's input. features, next_embeds: [B, T, D] -> [B, T, D]."""
+    x = jnp.concatenate([features, next_embeds.astype(features.dtype)], axis=-1)     # [B, T, 2D]
+    return _dense(x, params["fc"])
+
+
+def layer_step(params: dict, config: ModelConfig, x, cache: KVCache, positions, mask=None):
+    """The decoder layer on T new inputs against the drafter's cache (K/V written at
+    [len, len + T), len not moved). x: [B, T, D]; positions: [B, T]; mask: [B, T, T] or None."""
+    lp = params["layer"]
+    q, k, v = _qkv(_norm(x, lp["attn_norm"], config), lp, positions, config)
+    cache_k, cache_v = write_layer(cache.k, cache.v, 0, k, v, cache.lengths)
+    out = attention(q, cache_k[0], cache_v[0], cache.lengths, mask,
+                    scale=1.0 / math.sqrt(config.head_dim), impl="xla")               # [B, T, H, Dh]
+    x = x + _dense(out.reshape(*out.shape[:2], -1), lp["o"])
+    x = x + _mlp(_norm(x, lp["mlp_norm"], config), lp, config)
+    return x, cache.replace(k=cache_k, v=cache_v)
+
+
+def head_logits(head, h):
+    """Draft logits over the V' head tokens. head: [V', D]; h: [..., D] -> [..., V'] float32."""
+    return jnp.einsum("...D,VD->...V", h, head.astype(h.dtype)).astype(jnp.float32)
+
+
+@struct.dataclass
+class EagleState:
+    cache: KVCache          # the drafter's one-layer cache; lengths = positions fed with true f
+    pending: jax.Array      # [B, P, D] true target features not yet fed (positions len .. len+n)
+    num_pending: jax.Array  # [B] int32
+    head: jax.Array         # [V', D] the target's embedding rows of the head tokens
+    embed: jax.Array        # [V, D] the target's token embedding (frozen)
+
+
+@struct.dataclass
+class Eagle:
+    params: dict
+    config: ModelConfig = struct.field(pytree_node=False)
+    num_tokens: int = struct.field(pytree_node=False, default=5)
+    tree: TreeSpec | None = struct.field(pytree_node=False, default=None)
+    target_fingerprint: str | None = struct.field(pytree_node=False, default=None)
+
+    uses_target_hidden = True
+
+    def __post_init__(self):
+        if self.tree is None:
+            if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, int) \
+                    or not 1 <= self.num_tokens <= 64:
+                raise ValueError(f"num_tokens must be an integer in [1, 64], got {self.num_tokens!r}")
+            object.__setattr__(self, "tree", chain(self.num_tokens))
+        elif not isinstance(self.tree, TreeSpec):
+            raise ValueError(f"Eagle tree must be a js.trees TreeSpec (chain, kary, from_paths), got "
+                             f"{type(self.tree).__name__}")
+        elif self.tree.max_depth < 1:
+            raise ValueError("Eagle tree drafts nothing: give a tree with at least one draft node")
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def create(cls, target: Model, num_tokens: int = 5, tree: TreeSpec | None = None,
+               head_tokens: int | None = None, key=0, dtype=jnp.float32) -> "Eagle":
+        """A randomly initialised drafter for `target` (head over the first V' ids, or all)."""
+        config = layer_config(target.config)
+        v = target.config.vocab_size if head_tokens is None else int(head_tokens)
+        key = jax.random.PRNGKey(key) if isinstance(key, int) else key
+        return cls(params=init_params(config, v, key, dtype), config=config, num_tokens=num_tokens,
+                   tree=tree, target_fingerprint=fingerprint(target))
+
+    def with_tree(self, num_tokens: int | None = None, tree: TreeSpec | None = None) -> "Eagle":
+        """The same trained weights with another chain length or tree."""
+        return Eagle(params=self.params, config=self.config,
+                     num_tokens=self.num_tokens if num_tokens is None else num_tokens, tree=tree,
+                     target_fingerprint=self.target_fingerprint)
+
+    def save(self, path: str | os.PathLike, dtype: str = "bfloat16", extra: dict | None = None):
+        """safetensors weights + config.json (layer config, head size, target fingerprint)."""
+        from safetensors.numpy import save_file
+        import ml_dtypes
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+        flat = {}
+        for keypath, value in jax.tree_util.tree_flatten_with_path(self.params)[0]:
+            name = ".".join(str(getattr(k, "key", k)) for k in keypath)
+            arr = np.asarray(jax.device_get(value))
+            flat[name] = arr if arr.dtype == np.int32 else arr.astype(np.float32).astype(np_dtype)
+        save_file(flat, str(path / "model.safetensors"))
+        meta = {"kind": "eagle", "layer": dataclasses.asdict(self.config),
+                "head_tokens": int(self.params["head_ids"].shape[0]),
+                "num_tokens": self.num_tokens, "tree_parents": [int(p) for p in self.tree.parents],
+                "target_fingerprint": self.target_fingerprint, **(extra or {})}
+        (path / "config.json").write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, dtype: str = "float32", num_tokens: int | None = None,
+             tree: TreeSpec | None = None) -> "Eagle":
+        from safetensors import safe_open
+
+        path = Path(path)
+        cfg_file, weights = path / "config.json", path / "model.safetensors"
+        if not cfg_file.is_file() or not weights.is_file():
+            raise ValueError(f"{path} is not an Eagle drafter directory (needs config.json and "
+                             "model.safetensors, as written by Eagle.save)")
+        meta = json.loads(cfg_file.read_text())
+        if meta.get("kind") != "eagle":
+            raise ValueError(f"{cfg_file} describes a {meta.get('kind')!r} drafter, not an Eagle one")
+        layer = dict(meta["layer"])
+        for key in ("rope_scaling", "eos_token_ids"):
+            if isinstance(layer.get(key), list):
+                layer[key] = tuple(layer[key])
+        config = ModelConfig(**layer)
+        jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+        params: dict = {}
+        with safe_open(str(weights), framework="numpy") as f:
+            for name in f.keys():
+                arr = f.get_tensor(name)
+                node = params
+                *parents, leaf = name.split(".")
+                for p in parents:
+                    node = node.setdefault(p, {})
+                node[leaf] = jnp.asarray(arr if arr.dtype == np.int32
+                                         else arr.astype(np.float32)).astype(
+                    jnp.int32 if arr.dtype == np.int32 else jdtype)
+        if tree is None and num_tokens is None:
+            parents = meta.get("tree_parents")
+            from jaxspec.speculative.trees import from_parents
+            tree = from_parents(parents) if parents else None
+        return cls(params=params, config=config,
+                   num_tokens=meta.get("num_tokens", 5) if num_tokens is None else num_tokens,
+                   tree=tree, target_fingerprint=meta.get("target_fingerprint"))
+
+    # -- drafter protocol -------------------------------------------------------------------
+    rule = "speculative_wor"  # children are Gumbel-top-k draws without replacement from q
+
+    def cache_slack(self) -> int:
+        return self.tree.max_depth + 1
+
+    def check_compatible(self, target: Model) -> None:
+        c, t = self.config, target.config
+        if (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) != \
+                (t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim):
+            raise ValueError(f"this Eagle drafter was built for a target with hidden size "
+                             f"{c.hidden_size} ({c.num_heads} heads of {c.head_dim}), but the target "
+                             f"has hidden size {t.hidden_size} ({t.num_heads} heads of {t.head_dim})")
+        if c.vocab_size != t.vocab_size:
+            raise ValueError(f"this Eagle drafter was trained for a vocabulary of {c.vocab_size} "
+                             f"tokens, but the target's is {t.vocab_size}")
+        if self.target_fingerprint is not None and self.target_fingerprint != fingerprint(target):
+            raise ValueError(f"this Eagle drafter was trained for another target (fingerprint "
+                             f"{self.target_fingerprint}, this target's is {fingerprint(target)}); "
+                             "train one for this target with `jaxspec train eagle`")
+        width = self.tree.max_children
+        if width > self.params["head_ids"].shape[0]:
+            raise ValueError(f"the tree has up to {width} children per node but the drafter's head "
+                             f"has only {self.params['head_ids'].shape[0]} tokens")
+
+    def init(self, target: Model, prompt_tokens, prompt_lengths, max_len: int, state=None,
+             target_hidden=None):
+        """Feed the prompt's positions 0 .. len-2 with their true features.
+
+        prompt_tokens: [B, Tp]; target_hidden: [B, Tp, D] the target's hidden states there."""
+        if target_hidden is None:
+            raise ValueError("Eagle needs the target's hidden states (run it through "
+                             "js.generate / js.speculative.generate_tokens)")
+        batch, tp = prompt_tokens.shape
+        embed = target.params["embed"]
+        head = embed[self.params["head_ids"]]                                       # [V', D]
+        cache = KVCache.create(self.config, batch, max_len, target_hidden.dtype)
+        nxt = jnp.concatenate([prompt_tokens[:, 1:], prompt_tokens[:, -1:]], axis=1)  # [B, Tp]
+        x = draft_features(self.params, self.config, target_hidden, embed[nxt])
+        positions = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), (batch, tp))
+        _, cache = layer_step(self.params, self.config, x, cache, positions)
+        rows = jnp.arange(batch)
+        p = self.tree.max_depth + 1
+        last = target_hidden[rows, jnp.maximum(prompt_lengths - 1, 0)]              # [B, D]
+        pending = jnp.zeros((batch, p, target_hidden.shape[-1]), target_hidden.dtype)
+        pending = pending.at[:, 0].set(last)
+        return EagleState(cache=cache.replace(lengths=jnp.maximum(prompt_lengths - 1, 0)),
+                          pending=pending, num_pending=jnp.ones((batch,), jnp.int32),
+                          head=head, embed=embed)
+
+    def propose(self, state: EagleState, ctx: Context, sampling: Sampling, key, vocab: int):
+        tree = self.tree
+        n, max_depth = tree.num_nodes, tree.max_depth
+        depths, parents_np, ranks = tree.depths, np.asarray(tree.parents), tree.child_rank
+        num_children = np.bincount(parents_np[1:], minlength=n)
+        batch = ctx.length.shape[0]
+        rows = jnp.arange(batch)
+        head_ids = self.params["head_ids"]
+        committed = ctx.cache_lengths                                                # c [B]
+        stable = state.cache.lengths                                                 # c - n_pending
+        p = state.pending.shape[1]
+        # 1. catch-up on the true features of positions [stable, c).
+        offs = jnp.arange(p)[None, :]
+        nxt_pos = jnp.minimum(stable[:, None] + offs + 1, ctx.history.shape[1] - 1)  # [B, P]
+        nxt = jnp.take_along_axis(ctx.history, nxt_pos, axis=1)
+        x = draft_features(self.params, self.config, state.pending, state.embed[nxt])
+        out, cache = layer_step(self.params, self.config, x, state.cache, stable[:, None] + offs)
+        h_root = out[rows, jnp.maximum(state.num_pending - 1, 0)]                    # [B, D]
+        cache = cache.replace(lengths=committed)
+        # 2. tree levels.
+        root = ctx.history[rows, ctx.length - 1]
+        tokens = jnp.zeros((batch, n), jnp.int32).at[:, 0].set(root)
+        valid = jnp.zeros((batch, n), bool).at[:, 0].set(True)
+        q = None if sampling.greedy else jnp.zeros((batch, n, vocab), jnp.float32)
+        hidden = jnp.zeros((batch, n, h_root.shape[-1]), h_root.dtype).at[:, 0].set(h_root)
+        for level in range(max_depth):
+            expand = np.flatnonzero((depths == level) & (num_children > 0))         # static
+            if expand.size == 0:
+                continue
+            if level > 0:  # feed nodes 1 .. end (earlier levels again) to get these nodes' h
+                end = int(expand.max()) + 1
+                nodes = np.arange(1, end)
+                inputs = draft_features(self.params, self.config,
+                                        hidden[:, parents_np[nodes]], state.embed[tokens[:, nodes]])
+                mask = jnp.broadcast_to(jnp.asarray(tree.ancestor_mask[1:end, 1:end]),
+                                        (batch, end - 1, end - 1))
+                positions = committed[:, None] + jnp.asarray(depths[nodes] - 1)[None, :]
+                fed, _ = layer_step(self.params, self.config, inputs, cache, positions, mask)
+                hidden = hidden.at[:, nodes].set(fed)
+            logits = head_logits(state.head, hidden[:, expand])                      # [B, U, V']
+            width = int(num_children[expand].max())
+            if sampling.greedy:
+                score = logits
+            else:
+                processed = processed_logits(logits, sampling)
+                score = processed + jax.random.gumbel(jax.random.fold_in(key, level), processed.shape)
+            top_score, top_index = jax.lax.top_k(score, width)                       # [B, U, W]
+            kids = np.flatnonzero(np.isin(parents_np, expand) & (np.arange(n) > 0))
+            slot = np.searchsorted(expand, parents_np[kids])
+            tokens = tokens.at[:, kids].set(head_ids[top_index[:, slot, ranks[kids]]])
+            valid = valid.at[:, kids].set(jnp.isfinite(top_score[:, slot, ranks[kids]])
+                                          & ctx.active[:, None])
+            if q is not None:
+                probs = jax.nn.softmax(processed, axis=-1)[:, slot]                  # [B, K, V']
+                q = q.at[:, kids].set(jnp.zeros((batch, kids.size, vocab), jnp.float32)
+                                      .at[:, :, head_ids].set(probs))
+        parents = jnp.broadcast_to(jnp.asarray(parents_np, jnp.int32), (batch, n))
+        draft = Draft(tokens=tokens, parents=parents, valid=valid, q=q)
+        return draft, state.replace(cache=cache)
+
+    def commit(self, state: EagleState, ctx: Context, draft: Draft, verdict, target_logits,
+               target_hidden=None):
+        """The target's hidden states on the accepted path become the next catch-up features."""
+        path_hidden = jnp.take_along_axis(target_hidden, verdict.path[:, :, None], axis=1)  # [B, D+1, D]
+        pending = jnp.where(ctx.active[:, None, None], path_hidden.astype(state.pending.dtype),
+                            state.pending)
+        num = jnp.where(ctx.active, verdict.num_accepted + 1, state.num_pending)
+        return state.replace(pending=pending, num_pending=num)

@@ -1,0 +1,147 @@
+"""`jaxspec train eagle --target NAME`: self-distil, cache features, train and export an Eagle.
+
+Stages (each resumes from what is already in --work):
+  1. corpus    the target's greedy answers to offline prompts (jaxspec.train.prompts), in shards
+  2. features  the target's final hidden states on every corpus sequence (features.npz)
+  3. train     jaxspec.train.eagle's loss through trainer.train (orbax checkpoints, exact resume)
+  4. export    Eagle.save(--out) with a model card (data, steps, held-out accuracy, timings)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _save_features(path: Path, items) -> None:
+    import ml_dtypes  # noqa: F401 (bfloat16 arrays)
+
+    lengths = np.asarray([len(t) for t, _ in items], np.int64)
+    tokens = np.concatenate([t for t, _ in items]).astype(np.int32)
+    feats = np.concatenate([f for _, f in items]).view(np.uint16)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, lengths=lengths, tokens=tokens, features=feats)
+    tmp.rename(path)
+
+
+def _load_features(path: Path):
+    import ml_dtypes
+
+    data = np.load(path)
+    lengths, tokens = data["lengths"], data["tokens"]
+    feats = data["features"].view(ml_dtypes.bfloat16)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return [(tokens[offsets[i]:offsets[i + 1]], feats[offsets[i]:offsets[i + 1]])
+            for i in range(len(lengths))]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxspec train eagle")
+    parser.add_argument("--target", default="smollm2-135m-instruct")
+    parser.add_argument("--work", default="eagle_work")
+    parser.add_argument("--out", default=None, help="export directory (default WORK/export)")
+    parser.add_argument("--prompts", type=int, default=640)
+    parser.add_argument("--gen-batch", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--corpus-only", action="store_true", help="stop after stage 1")
+    parser.add_argument("--max-shards", type=int, default=None, help="use at most this many shards")
+    parser.add_argument("--head-tokens", type=int, default=8192)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--window", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--minutes", type=float, default=None, help="training time budget")
+    parser.add_argument("--num-tokens", type=int, default=5, help="default chain length saved")
+    args = parser.parse_args(argv)
+
+    import jax.numpy as jnp
+
+    import jaxspec as js
+    from jaxspec.speculative.drafters.eagle import Eagle
+    from jaxspec.train import eagle as eagle_train
+    from jaxspec.train.prompts import build_prompts
+    from jaxspec.train.selfdistill import generate_corpus, read_corpus
+    from jaxspec.train.trainer import TrainConfig, train
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    timings = json.loads((work / "timings.json").read_text()) if (work / "timings.json").exists() else {}
+
+    def stage(name, fn):
+        t = time.perf_counter()
+        out = fn()
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
+        (work / "timings.json").write_text(json.dumps(timings, indent=1))
+        return out
+
+    print(f"loading {args.target}", flush=True)
+    target = js.load(args.target)
+    stops = [t for t in target.config.eos_token_ids]
+    corpus_dir = work / "corpus"
+    prompts = build_prompts(args.prompts, seed=0)
+    if not (corpus_dir / "done.json").exists():
+        n = None if args.max_shards is None else args.max_shards * args.gen_batch
+        stage("corpus", lambda: generate_corpus(target, prompts[:n] if n else prompts, corpus_dir,
+                                                batch_size=args.gen_batch,
+                                                max_new_tokens=args.max_new_tokens,
+                                                stop_tokens=stops, log=lambda s: print(s, flush=True)))
+    if args.corpus_only:
+        return 0
+    seqs = read_corpus(corpus_dir)
+    if args.max_shards is not None:
+        seqs = seqs[:args.max_shards * args.gen_batch]
+    feat_file = work / "features.npz"
+    if feat_file.exists():
+        items = _load_features(feat_file)
+    else:
+        items = stage("features", lambda: eagle_train.compute_features(
+            target, seqs, max_len=args.window * 3, log=lambda s: print(s, flush=True)))
+        _save_features(feat_file, items)
+    n_eval = max(1, len(items) // 20)
+    train_items, eval_items = items[:-n_eval], items[-n_eval:]
+    head_ids = eagle_train.head_token_ids(
+        [(t[p:],) for (t, _), (_, p) in zip(train_items, seqs[:len(train_items)])],
+        target.config.vocab_size, args.head_tokens, always=stops)
+    print(f"{len(train_items)} train / {len(eval_items)} held-out sequences, "
+          f"{sum(len(t) for t, _ in train_items)} train tokens; head {len(head_ids)} tokens", flush=True)
+
+    drafter = Eagle.create(target, num_tokens=args.num_tokens, head_tokens=args.head_tokens)
+    params = dict(drafter.params, head_ids=jnp.asarray(head_ids))
+    data = eagle_train.FeatureBatches(train_items, length=args.window, batch_size=args.batch_size)
+    held = eagle_train.FeatureBatches(eval_items, length=args.window, batch_size=args.batch_size)
+    eval_batches = [held.batch(i * args.batch_size)[0]
+                    for i in range(min(8, max(1, len(held.windows) // args.batch_size)))]
+    loss = eagle_train.make_loss(drafter.config, target.params["embed"], jnp.asarray(head_ids))
+
+    def loss_fn(p, batch):  # head_ids are data, not trained
+        return loss(dict(p, head_ids=jnp.asarray(head_ids)), batch)
+
+    trainable = {k: v for k, v in params.items() if k != "head_ids"}
+    cfg = TrainConfig(batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=min(50, args.steps // 10),
+                      max_steps=args.steps, weight_decay=0.0, checkpoint_every=100, eval_every=200,
+                      log_every=10, max_minutes=args.minutes)
+    result = stage("train", lambda: train(trainable, drafter.config, data, cfg, loss_fn=loss_fn,
+                                          eval_batches=eval_batches, checkpoint_dir=work / "ckpt",
+                                          name="eagle"))
+    final = dict(result.params, head_ids=jnp.asarray(head_ids))
+    trained = Eagle(params=final, config=drafter.config, num_tokens=args.num_tokens,
+                    target_fingerprint=drafter.target_fingerprint)
+    evals = result.evals[-1][1] if result.evals else {}
+    out = Path(args.out) if args.out else work / "export"
+    card = {"target": args.target, "prompts": len(seqs), "train_sequences": len(train_items),
+            "train_tokens": int(sum(len(t) for t, _ in train_items)), "steps": result.step,
+            "finished": result.finished, "head_tokens": int(len(head_ids)),
+            "held_out": {k: round(float(v), 4) for k, v in evals.items()},
+            "timings_s": {k: round(v, 1) for k, v in timings.items()},
+            "command": "jaxspec train eagle " + " ".join(argv or [])}
+    trained.save(out, extra={"training": card})
+    print(json.dumps(card, indent=1), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
