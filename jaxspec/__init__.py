@@ -13,10 +13,10 @@ from jaxspec.models.default import load_default
 from jaxspec.sampling import Sampling
 from jaxspec import speculative
 from jaxspec.speculative import trees
-from jaxspec.speculative.drafters import DraftModel, Eagle, PromptLookup, TokenRecycling
+from jaxspec.speculative.drafters import DraftModel, Eagle, Medusa, PromptLookup, TokenRecycling
 from jaxspec.speculative.default import default_drafter
 from jaxspec import sharding
 from jaxspec.sharding import make_mesh, shard
 
-__all__ = ["DraftModel", "Eagle", "default_drafter", "TokenRecycling", "GenerateOutput", "PromptLookup", "speculative", "trees", "KVCache", "Model", "ModelConfig", "Sampling",
+__all__ = ["DraftModel", "Eagle", "Medusa", "default_drafter", "TokenRecycling", "GenerateOutput", "PromptLookup", "speculative", "trees", "KVCache", "Model", "ModelConfig", "Sampling",
            "autoregressive_tokens", "forward", "generate", "load", "make_mesh", "shard", "sharding", "load_default", "save"]

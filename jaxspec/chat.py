@@ -16,13 +16,16 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<
 
 
 def is_conversation(prompt: Any) -> bool:
+    # Any dict makes it a conversation, so a malformed one is refused by check_conversation
+    # (not read as token ids).
     return (isinstance(prompt, (list, tuple)) and len(prompt) > 0
-            and all(isinstance(m, dict) for m in prompt))
+            and any(isinstance(m, dict) for m in prompt))
 
 
 def check_conversation(prompt: list, index: int) -> None:
     for j, message in enumerate(prompt):
-        if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+        if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
+                or not isinstance(message.get("content"), str)):
             raise ValueError(f"prompt {index} is a conversation whose message {j} is not a "
                              '{"role": str, "content": str} dict: got ' + repr(message)[:120])
 

@@ -213,6 +213,10 @@ def write_results(results: list[dict], meta: dict, out_dir: Path, name: str) -> 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="a chat model name or path (e.g. smollm2-135m-instruct): "
+                                        "benchmark speculative chat on it (jaxspec.bench.chat_bench)")
+    parser.add_argument("--chat-prompts", type=int, default=0,
+                        help="with --model: use this many of the held-out chat+code prompts (0: all)")
     parser.add_argument("--target", help="HF target directory (default: the shipped pair)")
     parser.add_argument("--draft", help="HF draft directory (default: the shipped pair)")
     parser.add_argument("--methods", default="all",
@@ -229,6 +233,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     import jaxspec as js
     from rich.progress import Progress
+
+    if getattr(args, "model", None):
+        from jaxspec.bench.chat_bench import main as chat_main
+        return chat_main(args)
 
     if args.target:
         target_dir, draft_dir = args.target, args.draft

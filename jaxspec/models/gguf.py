@@ -41,10 +41,19 @@ def _reader(path: Path):
     import gguf
 
     try:
-        return gguf.GGUFReader(str(path))
+        reader = gguf.GGUFReader(str(path))
     except Exception as e:  # numpy / struct errors on a short or garbled file
         raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt?): "
                          f"{type(e).__name__}: {e}") from None
+    # A wrong tensor count in the header still parses: too high reads padding as a nameless
+    # tensor, too low shifts the data section (every tensor then reads its neighbours' bytes)
+    # and leaves the dropped tensors' data after the last one. Writers pad only to the alignment.
+    count = len(reader.tensors)
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if any(not t.name for t in reader.tensors) or (count and len(reader.data) - end >= reader.alignment):
+        raise ValueError(f"{path}: the GGUF header's tensor count ({count}, GGUF.tensor_count) "
+                         "does not match its tensor table and data (corrupt file?)")
+    return reader
 
 
 def _field(reader, key: str, default: Any = ...) -> Any:
@@ -245,7 +254,14 @@ def tokenizer(reader):
 
     arch = _field(reader, "general.architecture")
     tok_dict = _tokenizer_dict(reader)
-    backend, _ = convert_gguf_tokenizer(arch, tok_dict)
+    try:
+        backend, _ = convert_gguf_tokenizer(arch, tok_dict)
+    except BaseException as e:  # also a `tokenizers` Rust panic (a BaseException) on a bad vocab
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ValueError(f"the GGUF vocabulary (tokenizer.ggml.*, model "
+                         f"{tok_dict.get('tokenizer_type')!r}) cannot be built into a tokenizer: "
+                         f"{type(e).__name__}: {e}") from None
     tokens = tok_dict["tokens"]
     special = {}
     for name, suffix in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
@@ -259,6 +275,8 @@ def tokenizer(reader):
         kwargs["chat_template"] = template
     for flag in ("add_bos_token", "add_eos_token"):
         value = _field(reader, f"tokenizer.ggml.{flag}", None)
+        if value is None and flag == "add_bos_token" and tok_dict.get("tokenizer_type") == "llama":
+            value = True  # llama.cpp and transformers add BOS to a sentencepiece vocab that is silent
         if value is not None:
             kwargs[flag] = bool(value)
     return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)

@@ -25,7 +25,7 @@ from jaxspec.sampling import Sampling, sample
 from jaxspec.speculative.draft import Context, Draft
 from jaxspec.speculative.drafters.base import check_drafter
 from jaxspec.speculative.trees import TreeSpec
-from jaxspec.speculative.verify import verify
+from jaxspec.speculative.verify import Verdict, verify
 
 
 def tree_tables(draft: Draft, max_depth: int, tree):
@@ -119,9 +119,30 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
         draft, dstate = drafter.propose(state["dstate"], ctx, sampling, draft_key, vocab)
         depth, mask = tree_tables(draft, depth_max, tree)
         positions = cache.lengths[:, None] + depth                                 # [B, N]
-        target_logits, target_hidden, cache = forward(target, draft.tokens, cache, positions, mask)
-        verdict = verify(rule, draft, target_logits, sampling, verify_key,
-                         max_depth=depth_max, max_children=max_children)
+
+        def score(cache):
+            logits, hidden, cache = forward(target, draft.tokens, cache, positions, mask)
+            verdict = verify(rule, draft, logits, sampling, verify_key,
+                             max_depth=depth_max, max_children=max_children)
+            return logits, hidden, cache, verdict
+
+        def plain_step(cache):
+            """No row drafted anything: score the root alone, at a plain decode step's cost."""
+            logits, hidden, cache = forward(target, draft.tokens[:, :1], cache, positions[:, :1])
+            verdict = Verdict(path=jnp.zeros((batch, depth_max + 1), jnp.int32),
+                              num_accepted=jnp.zeros((batch,), jnp.int32),
+                              next_token=sample(verify_key, logits[:, 0], sampling))
+            pad = [(0, 0), (0, n - 1), (0, 0)]
+            return jnp.pad(logits, pad), jnp.pad(hidden, pad), cache, verdict
+
+        if getattr(drafter, "skips_empty_rounds", False):
+            # Chosen from draft-side values only (before any target logits are seen), so the
+            # lossless rules stay lossless; a round with no draft costs what a plain step costs.
+            drafted_any = jnp.any(draft.valid[:, 1:] & active[:, None])
+            target_logits, target_hidden, cache, verdict = jax.lax.cond(
+                drafted_any, score, plain_step, cache)
+        else:
+            target_logits, target_hidden, cache, verdict = score(cache)
         accepted = verdict.num_accepted                                            # [B]
         # Emitted tokens: the accepted path's tokens (after the root), then the next token.
         path_tokens = jnp.take_along_axis(draft.tokens, verdict.path, axis=1)      # [B, D+1]

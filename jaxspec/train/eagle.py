@@ -161,11 +161,13 @@ def step_two(params, config, x2, positions, k1, v1):
     return _finish(params, config, x2, o2)
 
 
-def make_loss(config, embed, head_ids, ce_weight: float = 0.5, second_step_weight: float = 0.5):
-    """loss(params, batch) for `trainer.train`; embed: the target's [V, D] embedding (frozen)."""
+def make_loss(config, embed, head_ids, ce_weight: float = 0.5, second_step_weight: float = 0.5,
+              head=None):
+    """loss(params, batch) for `trainer.train`; embed: the target's [V, D] embedding (frozen);
+    head: the target's LM-head rows of head_ids [V', D] (default: embed[head_ids], tied)."""
     vocab = embed.shape[0]
     to_head = jnp.full((vocab,), -1, jnp.int32).at[head_ids].set(jnp.arange(head_ids.shape[0]))
-    head = embed[head_ids]                                                           # [V', D]
+    head = embed[head_ids] if head is None else head                                 # [V', D]
 
     def loss_fn(params, batch):
         tokens, feats, valid = batch["tokens"], batch["features"], batch["valid"]   # [B, L+3], ...

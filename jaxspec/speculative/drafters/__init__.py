@@ -2,7 +2,8 @@
 
 from jaxspec.speculative.drafters.draft_model import DraftModel
 from jaxspec.speculative.drafters.eagle import Eagle
+from jaxspec.speculative.drafters.medusa import Medusa
 from jaxspec.speculative.drafters.prompt_lookup import PromptLookup
 from jaxspec.speculative.drafters.token_recycling import TokenRecycling
 
-__all__ = ["DraftModel", "Eagle", "PromptLookup", "TokenRecycling"]
+__all__ = ["DraftModel", "Eagle", "Medusa", "PromptLookup", "TokenRecycling"]

@@ -7,7 +7,7 @@ final norm: the vector the target's LM head reads, as in the EAGLE reference cod
 The drafter's input at position p is fc([f_p ; e(x_{p+1})]) ([2D] -> [D]); one decoder layer of
 the target's own shape (causal attention over the drafter's own KV cache) turns it into h_p, a
 prediction of f_{p+1}; the LM head (the target's tied embedding, restricted to the V' token ids of
-VocabTrim, `head_ids`) turns h_p into draft logits for x_{p+2}. Drafting goes on from predicted
+VocabTrim, `head_ids`; the lm_head kernel for untied targets) turns h_p into draft logits for x_{p+2}. Drafting goes on from predicted
 features: a drafted node's input is [h_parent ; e(its token)].
 
 Per round, with c committed target positions (root x_c not yet in the target's cache):
@@ -108,6 +108,14 @@ def layer_step(params: dict, config: ModelConfig, x, cache: KVCache, positions, 
     x = x + _dense(out.reshape(*out.shape[:2], -1), lp["o"])
     x = x + _mlp(_norm(x, lp["mlp_norm"], config), lp, config)
     return x, cache.replace(k=cache_k, v=cache_v)
+
+
+def head_rows(target_params: dict, head_ids):
+    """The target's LM-head rows of the V' head tokens [V', D]: the tied embedding, or the
+    untied lm_head kernel's columns."""
+    if "lm_head" in target_params:
+        return jnp.take(target_params["lm_head"]["kernel"], head_ids, axis=1).T
+    return target_params["embed"][head_ids]
 
 
 def head_logits(head, h):
@@ -256,7 +264,7 @@ class Eagle:
                              "js.generate / js.speculative.generate_tokens)")
         batch, tp = prompt_tokens.shape
         embed = target.params["embed"]
-        head = embed[self.params["head_ids"]]                                       # [V', D]
+        head = head_rows(target.params, self.params["head_ids"])                    # [V', D]
         cache = KVCache.create(self.config, batch, max_len, target_hidden.dtype)
         nxt = jnp.concatenate([prompt_tokens[:, 1:], prompt_tokens[:, -1:]], axis=1)  # [B, Tp]
         x = draft_features(self.params, self.config, target_hidden, embed[nxt])

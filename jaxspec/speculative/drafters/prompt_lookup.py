@@ -81,6 +81,10 @@ class PromptLookup:
     num_tokens: int = struct.field(pytree_node=False, default=8)
     num_candidates: int = struct.field(pytree_node=False, default=1)
 
+    # A round where no row found a match verifies the root alone (a plain decode step): the
+    # loop's `plain_step` branch. The state ignores the target's logits, so nothing else changes.
+    skips_empty_rounds = True
+
     def __post_init__(self):
         if isinstance(self.ngram, bool) or not isinstance(self.ngram, int) or not 1 <= self.ngram <= 16:
             raise ValueError(f"ngram must be an integer in [1, 16], got {self.ngram!r}")

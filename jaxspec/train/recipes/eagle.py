@@ -115,7 +115,9 @@ def main(argv=None) -> int:
     held = eagle_train.FeatureBatches(eval_items, length=args.window, batch_size=args.batch_size)
     eval_batches = [held.batch(i * args.batch_size)[0]
                     for i in range(min(8, max(1, len(held.windows) // args.batch_size)))]
-    loss = eagle_train.make_loss(drafter.config, target.params["embed"], jnp.asarray(head_ids))
+    from jaxspec.speculative.drafters.eagle import head_rows
+    loss = eagle_train.make_loss(drafter.config, target.params["embed"], jnp.asarray(head_ids),
+                                 head=head_rows(target.params, jnp.asarray(head_ids)))
 
     def loss_fn(p, batch):  # head_ids are data, not trained
         return loss(dict(p, head_ids=jnp.asarray(head_ids)), batch)
