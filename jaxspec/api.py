@@ -144,9 +144,19 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64,
     for i, ids in enumerate(encoded):
         prompt_tokens[i, :len(ids)] = ids
     prompt_lengths = np.asarray([len(ids) for ids in encoded], np.int32)
-    if any(chat.is_conversation(p) for p in prompts):  # the template's end of turn stops a row
-        stop_tokens = list(stop_tokens or ()) + chat.end_of_turn_ids(model.tokenizer)
     stops = stop_token_array(model, stop_tokens)
+    conversation_rows = [chat.is_conversation(p) for p in prompts]
+    if any(conversation_rows):  # the template's end of turn stops a conversation's row
+        chat_stops = stop_token_array(model, list(stop_tokens or ())
+                                      + chat.end_of_turn_ids(model.tokenizer))
+        if all(conversation_rows):
+            stops = chat_stops
+        else:                   # per-row stop sets [B, K], padded with -1 (matches nothing)
+            per_row = np.full((batch, len(chat_stops)), -1, np.int32)
+            for i, is_chat in enumerate(conversation_rows):
+                row = chat_stops if is_chat else stops
+                per_row[i, :len(row)] = row
+            stops = per_row
     key = jax.random.PRNGKey(seed)
     limit = np.full((batch,), max_new_tokens, np.int32)
     if mesh is not None:
@@ -154,6 +164,8 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64,
         model, drafter, drafter_state, (prompt_tokens, prompt_lengths, limit) = prepare_generate(
             mesh, model, drafter, drafter_state, (prompt_tokens, prompt_lengths, limit))
     program_model = model.replace(tokenizer=None)  # host-only: not part of the program's key
+    if drafter is not None and isinstance(getattr(drafter, "sizing", None), str):
+        drafter = drafter.replace(sizing=_cost_model(program_model, batch, drafter))
     if isinstance(getattr(drafter, "model", None), Model):
         drafter = drafter.replace(model=drafter.model.replace(tokenizer=None))
     if drafter is None:
@@ -181,6 +193,22 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64,
     stats = _stats(out, lengths, elapsed, compile_s)
     return GenerateOutput(texts=texts, tokens=tokens, lengths=lengths, stats=stats,
                           drafter_state=result[1] if isinstance(result, tuple) else None)
+
+
+def _cost_model(model: Model, batch: int, drafter):
+    """sizing="auto": the target's measured cost curve at the drafter's candidate verify sizes
+    (1, 2, 4, ... below its node count, and the node count), cached on disk after the first
+    measurement (jaxspec.speculative.costs.calibrate)."""
+    from jaxspec.speculative.costs import calibrate
+
+    if drafter.sizing != "auto":
+        raise ValueError(f"sizing must be 'auto', None or a cost model, got {drafter.sizing!r}")
+    n = drafter.tree.num_nodes
+    sizes, s = [], 1
+    while s < n:
+        sizes.append(s)
+        s *= 2
+    return calibrate(model, batch, tuple(sizes) + (n,))
 
 
 def _stats(out: TokenOutput, lengths: np.ndarray, elapsed: float, compile_s: float) -> dict:

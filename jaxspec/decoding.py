@@ -56,9 +56,15 @@ def prefill(model: Model, prompt_tokens: jax.Array, prompt_lengths: jax.Array, c
 
 
 def stop_mask(tokens: jax.Array, stop_tokens: jax.Array) -> jax.Array:
-    """tokens [...] -> bool [...]: is the token one of stop_tokens [K] (K may be 0)."""
-    if stop_tokens.shape[0] == 0:
+    """tokens [B, ...] -> bool [B, ...]: is the token one of its row's stop tokens.
+
+    stop_tokens: [K] shared by every row, or [B, K] per row (padded with -1, which matches
+    nothing); K may be 0."""
+    if stop_tokens.shape[-1] == 0:
         return jnp.zeros(tokens.shape, bool)
+    if stop_tokens.ndim == 2:  # per row: broadcast over the token axes after the batch axis
+        stop_tokens = stop_tokens.reshape(stop_tokens.shape[0], *([1] * (tokens.ndim - 1)),
+                                          stop_tokens.shape[1])
     return jnp.any(tokens[..., None] == stop_tokens, axis=-1)
 
 

@@ -84,9 +84,6 @@ def test_end_of_turn_token_stops_a_conversation_row(end_of_turn):
     assert text.lengths.tolist() == [MAX_NEW] and text.tokens[0].tolist() == seq
 
 
-@pytest.mark.xfail(strict=True, reason="api.generate adds the end-of-turn ids to the one stop set "
-                   "of the whole batch, so a string row batched with a conversation also stops "
-                   "there (its output depends on its batch: DESIGN invariant 4)")
 def test_end_of_turn_does_not_stop_a_string_row_sharing_the_batch(end_of_turn):
     model, seq, k = end_of_turn
     out = js.generate(model, [_conversation(), _conversation()[0]["content"]],

@@ -107,7 +107,9 @@ def hf_config(reader) -> dict[str, Any]:
         "num_hidden_layers": int(key("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(key("attention.head_count_kv", heads)),
-        "head_dim": int(key("attention.key_length", 0)) or hidden // heads,
+        # llama.cpp's llama converter states head_dim as the rope dimension (key_length is newer).
+        "head_dim": (int(key("attention.key_length", 0)) or int(key("rope.dimension_count", 0))
+                     or hidden // heads),
         "intermediate_size": int(key("feed_forward_length")),
         "max_position_embeddings": int(key("context_length", 2048)),
         "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),

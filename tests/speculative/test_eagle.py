@@ -1,7 +1,7 @@
 """Eagle (jaxspec/speculative/drafters/eagle.py) and its training loss (jaxspec/train/eagle.py).
 
 * Greedy exactness end to end (js.generate) on the shared ragged prompts: chains of 1 and 4, a
-  k-ary tree, a from_paths tree with VocabTrim, and a drafter trained for a few dozen steps on
+  k-ary tree, a from_paths tree with VocabTrim, and a drafter trained for 150 steps on
   the target's own greedy outputs (accepted drafts, and its final cache checked slot by slot).
 * Alignment with the training code: the first two chain tokens of round 1 are the argmax of
   `step_one` / `step_two` at the last prompt position (and under sampling their q is exactly the
@@ -30,7 +30,7 @@ from jaxspec.decoding import COMPILATIONS, prefill
 from jaxspec.models.cache import KVCache
 from jaxspec.models.config import ModelConfig
 from jaxspec.models.transformer import create, forward, forward_train
-from jaxspec.sampling import Sampling, processed_logits
+from jaxspec.sampling import Sampling
 from jaxspec.speculative.draft import Context
 from jaxspec.speculative.drafters.eagle import Eagle, EagleState, draft_features, head_logits
 from jaxspec.speculative.verify import Verdict
@@ -43,8 +43,12 @@ PATHS_TREE = js.trees.from_paths([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 
 
 
 def _head(target, head_ids):
-    """The drafter head the training code uses: the target's embedding rows of the head ids."""
-    return target.params["embed"][jnp.asarray(head_ids)]
+    """The drafter head the training code is given: the target's LM-head rows of the head ids
+    (the untied lm_head kernel's columns here; the embedding rows for a tied target)."""
+    head_ids = jnp.asarray(head_ids)
+    if target.config.tie_word_embeddings:
+        return target.params["embed"][head_ids]
+    return target.params["lm_head"]["kernel"][:, head_ids].T
 
 
 def _sharpened(drafter: Eagle, seed: int = 0, head_ids=None) -> Eagle:
@@ -125,13 +129,9 @@ def _greedy_sequences(target, prompts, max_new):
 
 @pytest.fixture(scope="module")
 def trained(tiny, target):
-    """A chain-4 Eagle trained 200 AdamW steps on the target's greedy outputs after the shared
-    prompts and 9 random ones: (drafter, per-step losses, first / last metrics, items).
-
-    ce_weight=2: this target's LM head is untied and the drafter's head is the target's input
-    embedding (std 0.02), so at the default weight the regression term keeps h near f and the
-    head's logits stay nearly flat (top-1 0.35 after 300 steps); weighting the cross-entropy
-    up trades regression for classification (top-1 > 0.9)."""
+    """A chain-4 Eagle trained 150 AdamW steps (default loss weights) on the target's greedy
+    outputs after the shared prompts and 9 random ones: (drafter, per-step losses, first / last
+    metrics, items)."""
     import optax
 
     rng = np.random.default_rng(0)
@@ -141,9 +141,11 @@ def trained(tiny, target):
     assert items[0][1].shape == (len(seqs[0][0]), target.config.hidden_size)
     drafter = Eagle.create(target, num_tokens=4, key=2)
     head_ids = drafter.params["head_ids"]
-    loss = eagle_train.make_loss(drafter.config, target.params["embed"], head_ids, ce_weight=2.0)
+    assert not target.config.tie_word_embeddings      # the head must be the LM head's columns
+    loss = eagle_train.make_loss(drafter.config, target.params["embed"], head_ids,
+                                 head=_head(target, head_ids))
     data = eagle_train.FeatureBatches(items, length=32, batch_size=8)
-    opt = optax.adamw(1e-2, weight_decay=0.0)
+    opt = optax.adamw(3e-3, weight_decay=0.0)
     params = {k: v for k, v in drafter.params.items() if k != "head_ids"}
 
     @jax.jit
@@ -154,7 +156,7 @@ def trained(tiny, target):
         return optax.apply_updates(params, updates), opt_state, metrics
 
     opt_state, position, history = opt.init(params), 0, []
-    for _ in range(200):
+    for _ in range(150):
         batch, position = data.batch(position)
         params, opt_state, metrics = step(params, opt_state, jax.tree_util.tree_map(jnp.asarray, batch))
         history.append(jax.device_get(metrics))
@@ -165,10 +167,11 @@ def trained(tiny, target):
 def test_training_lowers_the_loss(trained):
     _, losses, (first, last), _ = trained
     assert np.all(np.isfinite(losses))
-    assert np.mean(losses[-10:]) < 0.85 * np.mean(losses[:3]), (losses[:3], losses[-10:])
+    assert np.mean(losses[-10:]) < 0.3 * np.mean(losses[:3]), (losses[:3], losses[-10:])
     for step in (1, 2):
-        assert last[f"ce{step}"] < 0.5 * first[f"ce{step}"]
-        assert last[f"top1_{step}"] > 0.8 > first[f"top1_{step}"]
+        assert last[f"ce{step}"] < 0.25 * first[f"ce{step}"]
+        assert last[f"reg{step}"] < 0.75 * first[f"reg{step}"]
+        assert last[f"top1_{step}"] > 0.9 > 0.1 > first[f"top1_{step}"]
 
 
 def test_trained_drafter_is_accepted_and_exact(tiny, target, greedy_ref, trained):
@@ -180,7 +183,7 @@ def test_trained_drafter_is_accepted_and_exact(tiny, target, greedy_ref, trained
     out = js.generate(target, tiny.prompts, max_new_tokens=tiny.max_new, drafter=drafter)
     np.testing.assert_array_equal(out.tokens, greedy_ref.tokens)
     print(f"trained Eagle: mean accepted {out.stats['mean_accepted']:.2f}")
-    assert out.stats["mean_accepted"] > 1.0
+    assert out.stats["mean_accepted"] > 2.0
     random = js.generate(target, tiny.prompts, max_new_tokens=tiny.max_new,
                          drafter=Eagle.create(target, num_tokens=4, key=1))
     assert out.stats["mean_accepted"] > random.stats["mean_accepted"]
@@ -497,6 +500,17 @@ def test_refuses_a_drafter_for_other_weights(tiny, target):
                               r"[0-9a-f]{16}, this target's is [0-9a-f]{16}\); train one for this "
                               r"target with `jaxspec train eagle`")
     Eagle.create(target, num_tokens=3).check_compatible(target)   # its own target: fine
+
+
+def test_fingerprint_does_not_depend_on_the_dtype(target):
+    """A drafter trained against the float32 target serves the same weights loaded in bfloat16."""
+    from jaxspec.speculative.drafters.eagle import fingerprint
+
+    half = target.replace(params=jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16),
+                                                        target.params))
+    assert fingerprint(half) == fingerprint(target)
+    Eagle.create(target, num_tokens=3).check_compatible(half)
+    Eagle.create(half, num_tokens=3).check_compatible(target)
 
 
 def test_refuses_a_tree_wider_than_the_head(target):

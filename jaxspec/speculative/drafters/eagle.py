@@ -48,6 +48,7 @@ from jaxspec.models.cache import KVCache, write_layer
 from jaxspec.models.config import ModelConfig
 from jaxspec.models.transformer import Model, _dense, _mlp, _norm, _qkv
 from jaxspec.sampling import Sampling, processed_logits
+from jaxspec.speculative.costs import CostModel
 from jaxspec.speculative.draft import Context, Draft
 from jaxspec.speculative.trees import TreeSpec, chain
 
@@ -57,8 +58,11 @@ def fingerprint(target: Model) -> str:
     c = target.config
     h = hashlib.sha256(repr((c.family, c.vocab_size, c.hidden_size, c.num_layers, c.num_heads,
                              c.num_kv_heads, c.head_dim, c.intermediate_size)).encode())
-    embed = np.asarray(jax.device_get(target.params["embed"][:64:7, :64]), np.float32)
-    norm = np.asarray(jax.device_get(target.params["final_norm"]["scale"][:64]), np.float32)
+    # Sampled as bfloat16, so the same weights loaded in float32 or bfloat16 give one fingerprint.
+    embed = np.asarray(jax.device_get(target.params["embed"][:64:7, :64].astype(jnp.bfloat16)),
+                       np.float32)
+    norm = np.asarray(jax.device_get(target.params["final_norm"]["scale"][:64].astype(jnp.bfloat16)),
+                      np.float32)
     h.update(np.round(embed, 3).tobytes())
     h.update(np.round(norm, 3).tobytes())
     return h.hexdigest()[:16]
@@ -139,10 +143,19 @@ class Eagle:
     num_tokens: int = struct.field(pytree_node=False, default=5)
     tree: TreeSpec | None = struct.field(pytree_node=False, default=None)
     target_fingerprint: str | None = struct.field(pytree_node=False, default=None)
+    # Per-round verify size from the target's measured cost curve and the draft's confidence:
+    # "auto" (js.generate measures the curve once and caches it), a costs.CostModel or a
+    # {new tokens: ms} table, or None (always verify the whole tree).
+    sizing: object = struct.field(pytree_node=False, default="auto")
 
     uses_target_hidden = True
 
     def __post_init__(self):
+        if isinstance(self.sizing, dict):
+            object.__setattr__(self, "sizing", CostModel.from_table(self.sizing))
+        elif not (self.sizing is None or self.sizing == "auto" or isinstance(self.sizing, CostModel)):
+            raise ValueError(f"sizing must be 'auto', None, a jaxspec.speculative.costs.CostModel or "
+                             f"a {{new tokens: ms}} dict, got {self.sizing!r}")
         if self.tree is None:
             if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, int) \
                     or not 1 <= self.num_tokens <= 64:
@@ -165,11 +178,13 @@ class Eagle:
         return cls(params=init_params(config, v, key, dtype), config=config, num_tokens=num_tokens,
                    tree=tree, target_fingerprint=fingerprint(target))
 
-    def with_tree(self, num_tokens: int | None = None, tree: TreeSpec | None = None) -> "Eagle":
-        """The same trained weights with another chain length or tree."""
+    def with_tree(self, num_tokens: int | None = None, tree: TreeSpec | None = None,
+                  sizing=...) -> "Eagle":
+        """The same trained weights with another chain length or tree (or sizing)."""
         return Eagle(params=self.params, config=self.config,
                      num_tokens=self.num_tokens if num_tokens is None else num_tokens, tree=tree,
-                     target_fingerprint=self.target_fingerprint)
+                     target_fingerprint=self.target_fingerprint,
+                     sizing=self.sizing if sizing is ... else sizing)
 
     def save(self, path: str | os.PathLike, dtype: str = "bfloat16", extra: dict | None = None):
         """safetensors weights + config.json (layer config, head size, target fingerprint)."""
@@ -303,6 +318,7 @@ class Eagle:
         tokens = jnp.zeros((batch, n), jnp.int32).at[:, 0].set(root)
         valid = jnp.zeros((batch, n), bool).at[:, 0].set(True)
         q = None if sampling.greedy else jnp.zeros((batch, n, vocab), jnp.float32)
+        confidence = jnp.ones((batch, n), jnp.float32)
         hidden = jnp.zeros((batch, n, h_root.shape[-1]), h_root.dtype).at[:, 0].set(h_root)
         for level in range(max_depth):
             expand = np.flatnonzero((depths == level) & (num_children > 0))         # static
@@ -331,12 +347,18 @@ class Eagle:
             tokens = tokens.at[:, kids].set(head_ids[top_index[:, slot, ranks[kids]]])
             valid = valid.at[:, kids].set(jnp.isfinite(top_score[:, slot, ranks[kids]])
                                           & ctx.active[:, None])
+            # Acceptance estimate of each child: its draft probability (EAGLE-2's observation:
+            # a well-trained draft's confidence tracks the acceptance rate).
+            dist = jax.nn.softmax(logits if sampling.greedy else processed, axis=-1)  # [B, U, V']
+            chosen = top_index[:, slot, ranks[kids]]                                 # [B, K]
+            confidence = confidence.at[:, kids].set(
+                jnp.take_along_axis(dist[:, slot], chosen[..., None], axis=-1)[..., 0])
             if q is not None:
                 probs = jax.nn.softmax(processed, axis=-1)[:, slot]                  # [B, K, V']
                 q = q.at[:, kids].set(jnp.zeros((batch, kids.size, vocab), jnp.float32)
                                       .at[:, :, head_ids].set(probs))
         parents = jnp.broadcast_to(jnp.asarray(parents_np, jnp.int32), (batch, n))
-        draft = Draft(tokens=tokens, parents=parents, valid=valid, q=q)
+        draft = Draft(tokens=tokens, parents=parents, valid=valid, q=q, confidence=confidence)
         return draft, state.replace(cache=cache)
 
     def commit(self, state: EagleState, ctx: Context, draft: Draft, verdict, target_logits,

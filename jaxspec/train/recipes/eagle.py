@@ -2,7 +2,8 @@
 
 Stages (each resumes from what is already in --work):
   1. corpus    the target's greedy answers to offline prompts (jaxspec.train.prompts), in shards
-  2. features  the target's final hidden states on every corpus sequence (features.npz)
+  2. features  the target's final hidden states and greedy tokens on every corpus sequence
+               (features.npz), and on docstring conversations it did not write (documents.npz)
   3. train     jaxspec.train.eagle's loss through trainer.train (orbax checkpoints, exact resume)
   4. export    Eagle.save(--out) with a model card (data, steps, held-out accuracy, timings)
 """
@@ -18,13 +19,13 @@ import numpy as np
 
 
 def _save_features(path: Path, items) -> None:
-    import ml_dtypes  # noqa: F401 (bfloat16 arrays)
-
-    lengths = np.asarray([len(t) for t, _ in items], np.int64)
-    tokens = np.concatenate([t for t, _ in items]).astype(np.int32)
-    feats = np.concatenate([f for _, f in items]).view(np.uint16)
+    """(tokens, bfloat16 features, greedy labels) per sequence, concatenated into one .npz."""
+    lengths = np.asarray([len(it[0]) for it in items], np.int64)
+    tokens = np.concatenate([it[0] for it in items]).astype(np.int32)
+    feats = np.concatenate([it[1] for it in items]).view(np.uint16)
+    labels = np.concatenate([it[2] for it in items]).astype(np.int32)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, lengths=lengths, tokens=tokens, features=feats)
+    np.savez(tmp, lengths=lengths, tokens=tokens, features=feats, labels=labels)
     tmp.rename(path)
 
 
@@ -32,11 +33,11 @@ def _load_features(path: Path):
     import ml_dtypes
 
     data = np.load(path)
-    lengths, tokens = data["lengths"], data["tokens"]
+    lengths, tokens, labels = data["lengths"], data["tokens"], data["labels"]
     feats = data["features"].view(ml_dtypes.bfloat16)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    return [(tokens[offsets[i]:offsets[i + 1]], feats[offsets[i]:offsets[i + 1]])
-            for i in range(len(lengths))]
+    return [(tokens[offsets[i]:offsets[i + 1]], feats[offsets[i]:offsets[i + 1]],
+             labels[offsets[i]:offsets[i + 1]]) for i in range(len(lengths))]
 
 
 def main(argv=None) -> int:
@@ -49,6 +50,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--corpus-only", action="store_true", help="stop after stage 1")
     parser.add_argument("--max-shards", type=int, default=None, help="use at most this many shards")
+    parser.add_argument("--documents", type=int, default=800,
+                        help="extra training conversations whose answers are standard-library "
+                             "docstrings (read by the target, labelled with its greedy tokens)")
     parser.add_argument("--head-tokens", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -99,15 +103,36 @@ def main(argv=None) -> int:
         items = _load_features(feat_file)
     else:
         items = stage("features", lambda: eagle_train.compute_features(
-            target, seqs, max_len=args.window * 3, log=lambda s: print(s, flush=True)))
+            target, seqs, max_len=args.window * 3, log=lambda s: print(s, flush=True),
+            labels=True))
         _save_features(feat_file, items)
     n_eval = max(1, len(items) // 20)
     train_items, eval_items = items[:-n_eval], items[-n_eval:]
+    # VocabTrim: the most frequent tokens the target itself says in its answers.
     head_ids = eagle_train.head_token_ids(
-        [(t[p:],) for (t, _), (_, p) in zip(train_items, seqs[:len(train_items)])],
+        [(it[0][p:],) for it, (_, p) in zip(train_items, seqs[:len(train_items)])],
         target.config.vocab_size, args.head_tokens, always=stops)
+    if args.documents:
+        doc_file = work / "documents.npz"
+        if doc_file.exists():
+            docs = _load_features(doc_file)
+        else:
+            from jaxspec.train.prompts import document_conversations
+            from jaxspec.chat import encode_conversation  # noqa: F401 (templates checked there)
+
+            convs = document_conversations(args.documents)
+            doc_seqs = []
+            for conv in convs:
+                ids = target.tokenizer.apply_chat_template(conv, add_generation_prompt=False)
+                ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+                doc_seqs.append((np.asarray(ids, np.int32), 0))
+            docs = stage("document_features", lambda: eagle_train.compute_features(
+                target, doc_seqs, max_len=args.window * 3, log=lambda s: print(s, flush=True),
+                labels=True))
+            _save_features(doc_file, docs)
+        train_items = train_items + docs
     print(f"{len(train_items)} train / {len(eval_items)} held-out sequences, "
-          f"{sum(len(t) for t, _ in train_items)} train tokens; head {len(head_ids)} tokens", flush=True)
+          f"{sum(len(it[0]) for it in train_items)} train tokens; head {len(head_ids)} tokens", flush=True)
 
     drafter = Eagle.create(target, num_tokens=args.num_tokens, head_tokens=args.head_tokens)
     params = dict(drafter.params, head_ids=jnp.asarray(head_ids))
@@ -134,8 +159,9 @@ def main(argv=None) -> int:
                     target_fingerprint=drafter.target_fingerprint)
     evals = result.evals[-1][1] if result.evals else {}
     out = Path(args.out) if args.out else work / "export"
-    card = {"target": args.target, "prompts": len(seqs), "train_sequences": len(train_items),
-            "train_tokens": int(sum(len(t) for t, _ in train_items)), "steps": result.step,
+    card = {"target": args.target, "prompts": len(seqs), "documents": args.documents,
+            "train_sequences": len(train_items),
+            "train_tokens": int(sum(len(it[0]) for it in train_items)), "steps": result.step,
             "finished": result.finished, "head_tokens": int(len(head_ids)),
             "held_out": {k: round(float(v), 4) for k, v in evals.items()},
             "timings_s": {k: round(v, 1) for k, v in timings.items()},

@@ -1,0 +1,179 @@
+"""Measured target-forward cost per number of new tokens, and the per-round verify size it picks.
+
+`CostModel(sizes, ms)`: the target's forward time (ms) for T new tokens, at a few static T (the
+verify sizes compiled into the speculative program). `calibrate(target, batch)` measures it with
+a few compiled forwards (against a 256-token cache) and caches the table on disk per (model
+config, backend, device, batch bucket); `CostModel.from_table({T: ms})` takes a user's own.
+
+`choose_size(costs, confidence, valid, parents, active)` is the per-round decision (inside the
+jitted loop): the expected number of committed tokens of verifying the first S draft nodes is
+rows x 1 (the target's own token) + the sum over those nodes of P(node accepted), where
+P(node accepted) is the product of the drafter's per-node confidence along its path; the size
+with the most expected tokens per measured millisecond wins. It depends on draft-side values
+only (a prefix of a tree's nodes is a valid tree), which keeps greedy decoding exact; the loop
+sizes greedy rounds only, since under sampling a node's confidence depends on its own drawn token
+(and its children's q on it), and choosing by it would skew the accepted tokens' law.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import operator
+import os
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_CACHE_LEN = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    sizes: tuple      # static verify sizes (node counts, root included), ascending, sizes[0] >= 1
+    ms: tuple         # measured forward time for each size
+
+    def __post_init__(self):
+        sizes, ms = tuple(self.sizes), tuple(self.ms)
+        if not sizes or len(sizes) != len(ms):
+            raise ValueError(f"a cost table needs one time per size; got sizes {sizes} and ms {ms}")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes) \
+                or list(sizes) != sorted(set(sizes)):
+            raise ValueError(f"cost table sizes must be distinct integers >= 1 in ascending order, "
+                             f"got {sizes}")
+        if any(not isinstance(m, (int, float)) or not m > 0 for m in ms):
+            raise ValueError(f"cost table times must be positive numbers (ms), got {ms}")
+        object.__setattr__(self, "sizes", sizes)
+        object.__setattr__(self, "ms", tuple(float(m) for m in ms))
+
+    @classmethod
+    def from_table(cls, table) -> "CostModel":
+        """{new tokens: ms} (keys may be strings, as in JSON) -> CostModel."""
+        if isinstance(table, CostModel):
+            return table
+        if not isinstance(table, dict) or not table:
+            raise ValueError("a cost table must be a non-empty dict {new tokens: milliseconds}, got "
+                             f"{type(table).__name__}")
+        def size(k):  # "4" (JSON) or 4; not 4.5 (int() would truncate it), not True
+            if isinstance(k, bool):
+                raise TypeError(k)
+            return int(k) if isinstance(k, str) else operator.index(k)
+
+        try:
+            items = sorted((size(k), v) for k, v in table.items())
+        except (TypeError, ValueError):
+            raise ValueError(f"cost table keys must be integers (new tokens), got {list(table)}") from None
+        return cls(sizes=tuple(k for k, _ in items), ms=tuple(v for _, v in items))
+
+    def restricted(self, max_nodes: int) -> "CostModel":
+        """The sizes up to max_nodes (a drafter's node count), max_nodes itself always included
+        (its time interpolated when not measured)."""
+        sizes = [s for s in self.sizes if s < max_nodes]
+        ms = [m for s, m in zip(self.sizes, self.ms) if s < max_nodes]
+        return CostModel(sizes=tuple(sizes) + (max_nodes,), ms=tuple(ms) + (self.at(max_nodes),))
+
+    def at(self, n: int) -> float:
+        """Time for n new tokens, linearly interpolated (extrapolated from the last two)."""
+        s, m = self.sizes, self.ms
+        if n in s:
+            return m[s.index(n)]
+        if len(s) == 1:
+            return m[0] * n / s[0]
+        i = max(1, min(len(s) - 1, next((j for j, v in enumerate(s) if v > n), len(s) - 1)))
+        a, b = s[i - 1], s[i]
+        return max(m[i - 1] + (m[i] - m[i - 1]) * (n - a) / (b - a), 1e-3)
+
+    def to_table(self) -> dict:
+        return {str(s): m for s, m in zip(self.sizes, self.ms)}
+
+
+def path_probabilities(confidence, parents, valid, max_depth: int):
+    """P(node accepted) [B, N]: the product of confidence [B, N] along each node's path (root 1);
+    0 for invalid nodes and their descendants. parents: [B, N] (root -1)."""
+    conf = jnp.where(valid, confidence, 0.0).at[:, 0].set(1.0)
+    prob = conf
+    parent = jnp.maximum(parents, 0)
+    anc = parent
+    for _ in range(max_depth):
+        prob = prob * jnp.where(anc > 0, jnp.take_along_axis(conf, anc, axis=1), 1.0)
+        anc = jnp.take_along_axis(parent, anc, axis=1)
+    return prob
+
+
+def choose_size(costs: CostModel, confidence, parents, valid, active, max_depth: int):
+    """Index into costs.sizes of the size with the most expected committed tokens per ms.
+
+    confidence, parents, valid: [B, N]; active: [B]. Returns an int32 scalar."""
+    prob = path_probabilities(confidence, parents, valid, max_depth)           # [B, N]
+    prob = jnp.where(active[:, None], prob, 0.0)
+    cumulative = jnp.cumsum(prob, axis=1)                                      # [B, N]
+    expected = jnp.stack([cumulative[:, s - 1].sum() for s in costs.sizes])    # [S] (root: 1/row)
+    score = expected / jnp.asarray(costs.ms, jnp.float32)
+    return jnp.argmax(score).astype(jnp.int32)
+
+
+# -- calibration ------------------------------------------------------------------------------
+
+def _cache_file(target, batch: int, sizes) -> Path:
+    from jaxspec.models.registry import cache_dir
+
+    device = jax.devices()[0]
+    key = json.dumps([repr(target.config), str(target.dtype), jax.default_backend(),
+                      getattr(device, "device_kind", ""), batch, list(sizes), DEFAULT_CACHE_LEN,
+                      os.cpu_count()])
+    return cache_dir() / "costs" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
+
+
+def measure(target, batch: int = 1, sizes=(1, 2, 4, 8, 16, 32, 64), repeats: int = 5,
+            cache_len: int = DEFAULT_CACHE_LEN) -> CostModel:
+    """Median forward time (ms) for T new tokens against a cache of cache_len tokens."""
+    from jaxspec.models.cache import KVCache
+    from jaxspec.models.transformer import forward, unstack_layers
+
+    model = target.replace(tokenizer=None)
+    if jax.default_backend() == "cpu" and not isinstance(model.params["layers"], (list, tuple)):
+        model = model.replace(params=unstack_layers(model.params))  # as the loops run it
+    ms = []
+    for t in sizes:
+        def step(model, tokens, cache, t=t):
+            positions = cache.lengths[:, None] + jnp.arange(t)[None, :]
+            logits, _, cache = forward(model, tokens, cache, positions)
+            return logits[:, -1].sum(), cache.k.sum()
+
+        cache = KVCache.create(model.config, batch, cache_len + max(sizes), model.dtype)
+        cache = cache.replace(lengths=jnp.full((batch,), cache_len, jnp.int32))
+        tokens = jnp.ones((batch, t), jnp.int32)
+        fn = jax.jit(step)
+        jax.block_until_ready(fn(model, tokens, cache))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(model, tokens, cache))
+            times.append(time.perf_counter() - start)
+        ms.append(1000 * statistics.median(times))
+    return CostModel(sizes=tuple(sizes), ms=tuple(ms))
+
+
+def calibrate(target, batch: int = 1, sizes=(1, 2, 4, 8, 16, 32, 64), table=None,
+              refresh: bool = False) -> CostModel:
+    """The target's cost curve: `table` when given, else the cached measurement, else measure
+    (and cache) it. Batch is bucketed to a power of two."""
+    if table is not None:
+        return CostModel.from_table(table)
+    bucketed = 1
+    while bucketed < batch:
+        bucketed *= 2
+    path = _cache_file(target, bucketed, sizes)
+    if path.is_file() and not refresh:
+        try:
+            return CostModel.from_table(json.loads(path.read_text()))
+        except (ValueError, json.JSONDecodeError):
+            pass  # a damaged cache entry is measured again
+    model = measure(target, bucketed, sizes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(model.to_table()))
+    return model

