@@ -131,7 +131,7 @@ def test_one_compilation_per_bucket(checkpoints, monkeypatch):
 
 
 @pytest.mark.parametrize("prompts,kwargs,message", [
-    ([], {}, r"prompts must be a non-empty list of strings or of token-id lists"),
+    ([], {}, r"prompts must be a non-empty list of strings, of conversations .* or of token-id lists"),
     ("w1 w2", {}, r"prompts must be a non-empty list"),
     ([[1, 2], []], {}, r"prompt 1 is empty: every prompt needs at least one token"),
     ([[1, 2]], dict(max_new_tokens=0), r"max_new_tokens must be an integer >= 1, got 0"),

@@ -85,13 +85,29 @@ def method_table(target) -> dict:
 
     methods = {"autoregressive": None,
                "prompt_lookup": js.PromptLookup(ngram=3, num_tokens=8),
-               "prompt_lookup_k4": js.PromptLookup(ngram=3, num_tokens=4)}
+               "prompt_lookup_tree": js.PromptLookup(ngram=3, num_tokens=8, num_candidates=4),
+               "token_recycling_80": js.TokenRecycling(k=8, tree=js.trees.TOKEN_RECYCLING_80)}
     drafter = js.default_drafter(target)
     if isinstance(drafter, js.Eagle):
-        for k in (3, 4, 5, 6):
+        for k in (2, 3, 5):
             methods[f"eagle_k{k}"] = drafter.with_tree(num_tokens=k)
+        methods["eagle_k5_fixed"] = drafter.with_tree(num_tokens=5, sizing=None)
         methods["eagle_tree"] = drafter.with_tree(tree=js.trees.from_paths(EAGLE_TREE_PATHS))
+        for v in (4096, 2048):  # VocabTrim: the v most frequent of the head's tokens
+            methods[f"eagle_k3_v{v}"] = trimmed(drafter, v).with_tree(num_tokens=3)
     return methods
+
+
+def trimmed(drafter, num_tokens: int):
+    """The drafter with its head cut to the num_tokens most frequent of its head tokens
+    (`head_frequency_order` saved with the drafter; else the lowest ids, which BPE vocabularies
+    order roughly by frequency)."""
+    import jax.numpy as jnp
+
+    ids = np.asarray(drafter.params["head_ids"])
+    order = drafter.params.get("head_order")
+    keep = np.sort(ids[np.asarray(order)[:num_tokens]] if order is not None else ids[:num_tokens])
+    return drafter.replace(params=dict(drafter.params, head_ids=jnp.asarray(keep, jnp.int32)))
 
 
 # A small static tree for Eagle on a CPU (verify cost grows quickly with nodes here): a top-1
@@ -104,11 +120,18 @@ def run(target, methods, prompts, max_new_tokens: int, progress=None) -> dict:
     """Per method and prompt: tokens, seconds, stats (interleaved by prompt)."""
     import jaxspec as js
 
+    from jaxspec.chat import encode_conversation
+    from jaxspec.decoding import bucket
+
     rows = {name: [] for name in methods}
     base_tokens = {}
+    warmed = set()
     for pid, category, conv in prompts:
+        size = bucket(len(encode_conversation(target.tokenizer, conv)))
         for name, drafter in methods.items():
-            js.generate(target, [conv], max_new_tokens, drafter=drafter)        # compile, warm
+            if (name, size) not in warmed:  # compile this prompt bucket's program, warm up
+                js.generate(target, [conv], max_new_tokens, drafter=drafter)
+                warmed.add((name, size))
             out = js.generate(target, [conv], max_new_tokens, drafter=drafter)
             tokens = out.tokens[0, :out.lengths[0]].tolist()
             if name == "autoregressive":
@@ -164,12 +187,16 @@ def hf_baseline(target, model_path, prompts, max_new_tokens: int, batch_sizes=(1
     from jaxspec.chat import encode_conversation
     from transformers import AutoModelForCausalLM
 
+    import tempfile
+
     path = Path(model_path)
-    if path.is_file():
-        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                  torch_dtype=torch.float32)
-    else:
-        hf = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        if path.is_file():
+            # The same dequantized float32 weights as a safetensors directory: transformers' own
+            # GGUF path keeps GGUF modules that dequantize on the fly, which is not its fast path.
+            js.save(target, tmp)
+            path = Path(tmp)
+        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     hf.eval()
     ids = [encode_conversation(target.tokenizer, conv) for _, _, conv in prompts]
     out = {}

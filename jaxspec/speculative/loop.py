@@ -92,6 +92,8 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
     rows = jnp.arange(batch)
 
     cache = KVCache.create(target.config, batch, max_len, target.dtype)
+    if hasattr(drafter, "bind"):  # drafters reading the target's frozen arrays (Eagle)
+        drafter = drafter.bind(target)
     uses_hidden = getattr(drafter, "uses_target_hidden", False)  # feature drafters (Eagle, Medusa)
     sizing = getattr(drafter, "sizing", None)  # a costs.CostModel: per-round verify sizes
     if not isinstance(sizing, CostModel) or len(sizing.sizes) < 2:

@@ -132,8 +132,9 @@ class EagleState:
     cache: KVCache          # the drafter's one-layer cache; lengths = positions fed with true f
     pending: jax.Array      # [B, P, D] true target features not yet fed (positions len .. len+n)
     num_pending: jax.Array  # [B] int32
-    head: jax.Array         # [V', D] the target's embedding rows of the head tokens
-    embed: jax.Array        # [V, D] the target's token embedding (frozen)
+    head: jax.Array | None = None   # [V', D] the target's LM-head rows of the head tokens and
+    embed: jax.Array | None = None  # [V, D] its token embedding: here only for an unbound
+                                    # drafter (the loop binds them: see Eagle.bind)
 
 
 @struct.dataclass
@@ -147,6 +148,9 @@ class Eagle:
     # "auto" (js.generate measures the curve once and caches it), a costs.CostModel or a
     # {new tokens: ms} table, or None (always verify the whole tree).
     sizing: object = struct.field(pytree_node=False, default="auto")
+    # The target's frozen arrays the drafter reads ({"embed": [V, D], "head": [V', D]}), bound
+    # once per program (`bind`) so they are loop constants, not a 100+ MB while_loop carry.
+    bound: dict | None = None
 
     uses_target_hidden = True
 
@@ -245,6 +249,16 @@ class Eagle:
                    tree=tree, target_fingerprint=meta.get("target_fingerprint"))
 
     # -- drafter protocol -------------------------------------------------------------------
+    def bind(self, target: Model) -> "Eagle":
+        """This drafter with the target's embedding and head rows attached (the loop calls it)."""
+        return self.replace(bound={"embed": target.params["embed"],
+                                   "head": head_rows(target.params, self.params["head_ids"])})
+
+    def _arrays(self, state):
+        if self.bound is not None:
+            return self.bound["embed"], self.bound["head"]
+        return state.embed, state.head
+
     rule = "speculative_wor"  # children are Gumbel-top-k draws without replacement from q
 
     def cache_slack(self) -> int:
@@ -290,9 +304,10 @@ class Eagle:
         last = target_hidden[rows, jnp.maximum(prompt_lengths - 1, 0)]              # [B, D]
         pending = jnp.zeros((batch, p, target_hidden.shape[-1]), target_hidden.dtype)
         pending = pending.at[:, 0].set(last)
+        unbound = self.bound is None
         return EagleState(cache=cache.replace(lengths=jnp.maximum(prompt_lengths - 1, 0)),
                           pending=pending, num_pending=jnp.ones((batch,), jnp.int32),
-                          head=head, embed=embed)
+                          head=head if unbound else None, embed=embed if unbound else None)
 
     def propose(self, state: EagleState, ctx: Context, sampling: Sampling, key, vocab: int):
         tree = self.tree
@@ -302,6 +317,7 @@ class Eagle:
         batch = ctx.length.shape[0]
         rows = jnp.arange(batch)
         head_ids = self.params["head_ids"]
+        embed, head = self._arrays(state)
         committed = ctx.cache_lengths                                                # c [B]
         stable = state.cache.lengths                                                 # c - n_pending
         p = state.pending.shape[1]
@@ -309,7 +325,7 @@ class Eagle:
         offs = jnp.arange(p)[None, :]
         nxt_pos = jnp.minimum(stable[:, None] + offs + 1, ctx.history.shape[1] - 1)  # [B, P]
         nxt = jnp.take_along_axis(ctx.history, nxt_pos, axis=1)
-        x = draft_features(self.params, self.config, state.pending, state.embed[nxt])
+        x = draft_features(self.params, self.config, state.pending, embed[nxt])
         out, cache = layer_step(self.params, self.config, x, state.cache, stable[:, None] + offs)
         h_root = out[rows, jnp.maximum(state.num_pending - 1, 0)]                    # [B, D]
         cache = cache.replace(lengths=committed)
@@ -328,13 +344,13 @@ class Eagle:
                 end = int(expand.max()) + 1
                 nodes = np.arange(1, end)
                 inputs = draft_features(self.params, self.config,
-                                        hidden[:, parents_np[nodes]], state.embed[tokens[:, nodes]])
+                                        hidden[:, parents_np[nodes]], embed[tokens[:, nodes]])
                 mask = jnp.broadcast_to(jnp.asarray(tree.ancestor_mask[1:end, 1:end]),
                                         (batch, end - 1, end - 1))
                 positions = committed[:, None] + jnp.asarray(depths[nodes] - 1)[None, :]
                 fed, _ = layer_step(self.params, self.config, inputs, cache, positions, mask)
                 hidden = hidden.at[:, nodes].set(fed)
-            logits = head_logits(state.head, hidden[:, expand])                      # [B, U, V']
+            logits = head_logits(head, hidden[:, expand])                      # [B, U, V']
             width = int(num_children[expand].max())
             if sampling.greedy:
                 score = logits
