@@ -91,7 +91,7 @@ def method_table(target) -> dict:
     if isinstance(drafter, js.Eagle):
         for k in (2, 3, 5):
             methods[f"eagle_k{k}"] = drafter.with_tree(num_tokens=k)
-        methods["eagle_k5_fixed"] = drafter.with_tree(num_tokens=5, sizing=None)
+        methods["eagle_k3_fixed"] = drafter.with_tree(num_tokens=3, sizing=None)
         methods["eagle_tree"] = drafter.with_tree(tree=js.trees.from_paths(EAGLE_TREE_PATHS))
         for v in (4096, 2048):  # VocabTrim: the v most frequent of the head's tokens
             methods[f"eagle_k3_v{v}"] = trimmed(drafter, v).with_tree(num_tokens=3)
