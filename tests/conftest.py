@@ -164,3 +164,19 @@ def word_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(tokenizer_object=tok)  # no special tokens: decode keeps all
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop each test module's compiled programs and jax caches when it ends, so a full run's
+    memory does not grow with every module (several compile programs for SmolLM2-135M)."""
+    yield
+    import gc
+
+    import jax
+
+    from jaxspec import decoding
+
+    decoding.PROGRAMS._programs.clear()
+    jax.clear_caches()
+    gc.collect()
