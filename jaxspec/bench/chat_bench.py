@@ -49,34 +49,13 @@ def load_prompts(code: bool = True) -> list[tuple[str, str, list]]:
     return out
 
 
-def cost_curve(target, sizes=(1, 2, 4, 8, 16, 32, 64), cache_len: int = 256, batch: int = 1,
-               repeats: int = 5) -> dict[int, float]:
-    """Median ms of one target forward of T new tokens against a cache of cache_len tokens."""
-    from jaxspec.models.cache import KVCache
-    from jaxspec.models.transformer import forward, unstack_layers
+def cost_curve(target, sizes=(1, 2, 4, 8, 16, 32, 64), batch: int = 1) -> dict[int, float]:
+    """Median ms of one target forward of T new tokens against a 256-token cache (freshly
+    measured by jaxspec.speculative.costs.measure, not the on-disk calibration cache)."""
+    from jaxspec.speculative.costs import measure
 
-    model = target
-    if jax.default_backend() == "cpu":
-        model = target.replace(params=unstack_layers(target.params), tokenizer=None)
-    out = {}
-    for t in sizes:
-        def step(model, tokens, cache):
-            positions = cache.lengths[:, None] + jnp.arange(t)[None, :]
-            logits, _, cache = forward(model, tokens, cache, positions)
-            return logits[:, -1].sum(), cache.k[0, 0, 0, 0, 0]
-
-        cache = KVCache.create(model.config, batch, cache_len + 64, model.dtype)
-        cache = cache.replace(lengths=jnp.full((batch,), cache_len, jnp.int32))
-        tokens = jnp.ones((batch, t), jnp.int32)
-        fn = jax.jit(step)
-        jax.block_until_ready(fn(model, tokens, cache))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(model, tokens, cache))
-            times.append(time.perf_counter() - start)
-        out[t] = 1000 * statistics.median(times)
-    return out
+    model = measure(target, batch, sizes)
+    return dict(zip(model.sizes, model.ms))
 
 
 def method_table(target) -> dict:
