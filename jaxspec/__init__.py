@@ -6,6 +6,8 @@ the longest correct prefix.
 """
 
 from jaxspec.api import GenerateOutput, generate
+from jaxspec.api import BeamSearchOutput, beam_search
+from jaxspec import search
 from jaxspec.autoregressive import autoregressive_tokens
 from jaxspec.loading import load
 from jaxspec.models import KVCache, Model, ModelConfig, forward, save
@@ -18,5 +20,5 @@ from jaxspec.speculative.default import default_drafter
 from jaxspec import sharding
 from jaxspec.sharding import make_mesh, shard
 
-__all__ = ["DraftModel", "Eagle", "Medusa", "default_drafter", "TokenRecycling", "GenerateOutput", "PromptLookup", "speculative", "trees", "KVCache", "Model", "ModelConfig", "Sampling",
+__all__ = ["BeamSearchOutput", "beam_search", "search", "DraftModel", "Eagle", "Medusa", "default_drafter", "TokenRecycling", "GenerateOutput", "PromptLookup", "speculative", "trees", "KVCache", "Model", "ModelConfig", "Sampling",
            "autoregressive_tokens", "forward", "generate", "load", "make_mesh", "shard", "sharding", "load_default", "save"]

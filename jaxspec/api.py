@@ -23,6 +23,7 @@ from jaxspec.models.transformer import Model
 from jaxspec.sampling import Sampling
 from jaxspec.speculative.drafters.base import check_drafter
 from jaxspec.speculative.loop import speculative_program
+from jaxspec.search.beam import beam_search_tokens, check_beam_arguments, early_stopping_code
 
 
 @dataclasses.dataclass
@@ -230,3 +231,92 @@ def _stats(out: TokenOutput, lengths: np.ndarray, elapsed: float, compile_s: flo
         "compile_seconds": compile_s,
         "tokens_per_s": float(lengths.sum() / elapsed) if elapsed > 0 else float("inf"),
     }
+
+
+# -- beam search ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class BeamSearchOutput(GenerateOutput):
+    """What `js.beam_search` returns: `GenerateOutput` over B * num_return_sequences rows (each
+    prompt's hypotheses together, best first), plus their scores."""
+
+    sequence_scores: np.ndarray | None = None  # float32 [B * num_return_sequences]
+
+
+def _prompt_stop_tokens(model: Model, prompts: Sequence, stop_tokens) -> np.ndarray:
+    """The stop set [K], or per row [B, K] (-1 padded) when only some prompts are conversations
+    (whose chat template's end of turn also stops them)."""
+    stops = stop_token_array(model, stop_tokens)
+    conversation_rows = [chat.is_conversation(p) for p in prompts]
+    if not any(conversation_rows):
+        return stops
+    chat_stops = stop_token_array(model, list(stop_tokens or ()) + chat.end_of_turn_ids(model.tokenizer))
+    if all(conversation_rows):
+        return chat_stops
+    per_row = np.full((len(prompts), len(chat_stops)), -1, np.int32)
+    for i, is_chat in enumerate(conversation_rows):
+        row = chat_stops if is_chat else stops
+        per_row[i, :len(row)] = row
+    return per_row
+
+
+def _beam_program(max_new_tokens, num_beams, num_beam_groups, pad_id, model, prompt_tokens,
+                  prompt_lengths, length_penalty, early_code, diversity_penalty, stop_tokens, limit):
+    return beam_search_tokens(model, prompt_tokens, prompt_lengths, max_new_tokens, num_beams,
+                              length_penalty, early_code, num_beams, num_beam_groups,
+                              diversity_penalty, stop_tokens, limit, pad_id)
+
+
+def beam_search(model: Model, prompts: Sequence, num_beams: int = 4, max_new_tokens: int = 64,
+                length_penalty: float = 1.0, early_stopping: bool | str = False,
+                num_return_sequences: int = 1, num_beam_groups: int = 1,
+                diversity_penalty: float = 0.0,
+                stop_tokens: Sequence[int] | None = None) -> BeamSearchOutput:
+    """Beam search over `prompts` (strings, conversations or token-id lists), transformers'
+    conventions (`generate(num_beams=..., do_sample=False)`): same sequences, same scores.
+
+    Returns the num_return_sequences best hypotheses of each prompt, best first: rows
+    [i * R, (i + 1) * R) belong to prompt i. sequence_scores are sum of log-probs /
+    generated_length ** length_penalty. early_stopping: True (stop once num_beams hypotheses are
+    finished), False (transformers' heuristic) or "never" (the exact bound).
+    num_beam_groups > 1 with diversity_penalty > 0 is Diverse Beam Search (Hamming diversity
+    between groups). Under it, `jaxspec.search.beam_search_tokens` runs inside a user's jit.
+    """
+    check_beam_arguments(num_beams, num_return_sequences, num_beam_groups, diversity_penalty,
+                         length_penalty, early_stopping)
+    encoded = encode_prompts(model, prompts)
+    check_lengths(model, encoded, max_new_tokens)
+    batch = len(encoded)
+    tp = bucket(max(len(ids) for ids in encoded))
+    m = bucket(max_new_tokens)
+    pad = pad_token_id(model)
+    prompt_tokens = np.full((batch, tp), pad, np.int32)
+    for i, ids in enumerate(encoded):
+        prompt_tokens[i, :len(ids)] = ids
+    prompt_lengths = np.asarray([len(ids) for ids in encoded], np.int32)
+    stops = _prompt_stop_tokens(model, prompts, stop_tokens)
+    limit = np.full((batch,), max_new_tokens, np.int32)
+    args = (model.replace(tokenizer=None), prompt_tokens, prompt_lengths,
+            np.float32(length_penalty), np.int32(early_stopping_code(early_stopping)),
+            np.float32(diversity_penalty), stops, limit)
+    program, compile_s = decoding.PROGRAMS.get("beam_search", _beam_program,
+                                               (m, num_beams, num_beam_groups, pad), args)
+    start = time.perf_counter()
+    out = jax.block_until_ready(program(*args))
+    elapsed = time.perf_counter() - start
+    r = num_return_sequences
+    tokens = np.array(out.tokens)[:, :r, :max_new_tokens].reshape(batch * r, max_new_tokens)
+    lengths = np.array(out.lengths)[:, :r].reshape(-1)
+    scores = np.array(out.scores)[:, :r].reshape(-1)
+    texts = None
+    if model.tokenizer is not None:
+        texts = [model.tokenizer.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True)
+                 for i in range(batch * r)]
+    steps = np.repeat(np.asarray(out.target_steps), r)
+    zeros = np.zeros_like(steps)
+    stats = _stats(TokenOutput(tokens=tokens, lengths=lengths, target_steps=steps, drafted=zeros,
+                               accepted=zeros, accepted_by_position=zeros[:, None]),
+                   lengths, elapsed, compile_s)
+    stats["num_beams"] = num_beams
+    return BeamSearchOutput(texts=texts, tokens=tokens, lengths=lengths, stats=stats,
+                            sequence_scores=scores)
