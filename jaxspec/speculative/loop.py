@@ -18,12 +18,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxspec import constraints
 from jaxspec.autoregressive import autoregressive_tokens
 from jaxspec.decoding import TokenOutput, prefill, stop_mask
 from jaxspec.models.cache import KVCache, commit, compact
 from jaxspec.models.transformer import Model, forward, unstack_layers
 from jaxspec.placement import constrain_batch
-from jaxspec.sampling import Sampling, sample
+from jaxspec.sampling import Sampling, probabilities, sample
+from jaxspec.speculative import costs
+from jaxspec.speculative.constrained import constrain_draft
 from jaxspec.speculative.draft import Context, Draft
 from jaxspec.speculative.drafters.base import check_drafter
 from jaxspec.speculative.trees import TreeSpec
@@ -52,7 +55,7 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
                     max_new_tokens: int, sampling: Sampling, key: jax.Array, *,
                     stop_tokens: jax.Array | None = None, limit: jax.Array | None = None,
                     pad_id: int = 0, rule: str = "auto", drafter_state=None, mesh=None,
-                    return_cache: bool = False):
+                    return_cache: bool = False, constraint: constraints.Constraint | None = None):
     """Speculative generation on token arrays; pure, so it can run inside a user's jax.jit.
 
     prompt_tokens: [B, Tp] right-padded; prompt_lengths: [B]; max_new_tokens: static M;
@@ -62,6 +65,10 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
     plus the target's final KVCache when return_cache (tests compare it with a plain run).
     rule="auto" is greedy at temperature 0, else the drafter's `rule` attribute when it has one
     (e.g. "speculative_wor" for trees drafted without replacement), else "speculative".
+    constraint (js.Constraint): drafts are pruned to its language and verified against the target
+    masked at every node's DFA state (jaxspec.speculative.constrained), so the output is
+    constrained autoregressive decoding's (identical at temperature 0, same law otherwise);
+    stop_tokens should include the constraint's.
     """
     if mesh is not None:
         from jaxspec.sharding import use_mesh
@@ -69,10 +76,11 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
             return generate_tokens(target, drafter, prompt_tokens, prompt_lengths, max_new_tokens,
                                    sampling, key, stop_tokens=stop_tokens, limit=limit,
                                    pad_id=pad_id, rule=rule, drafter_state=drafter_state,
-                                   return_cache=return_cache)
+                                   return_cache=return_cache, constraint=constraint)
     if drafter is None:
         return autoregressive_tokens(target, prompt_tokens, prompt_lengths, max_new_tokens,
-                                     sampling, key, stop_tokens, limit, pad_id), None
+                                     sampling, key, stop_tokens, limit, pad_id,
+                                     constraint=constraint), None
     check_drafter(drafter)
     prompt_tokens, prompt_lengths = constrain_batch(prompt_tokens, prompt_lengths)  # if on a mesh
     if jax.default_backend() == "cpu":  # per-layer weights sliced once, not every step (see
@@ -102,7 +110,13 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
         sizing = sizing.restricted(drafter.tree.num_nodes)
     logits, prompt_hidden, cache = prefill(target, prompt_tokens, prompt_lengths, cache,
                                            all_hidden=uses_hidden)
+    dfa = None                                                 # [B] DFA states (constrained)
+    if constraint is not None:
+        dfa = constraints.start_states(constraint, batch)
+        logits = constraints.mask_logits(constraint, logits, dfa)
     first = sample(jax.random.fold_in(key, 0), logits, sampling)                  # [B]
+    if constraint is not None:
+        dfa = constraints.advance(constraint, dfa, first)
     history = jnp.zeros((batch, max_len), jnp.int32).at[:, :tp].set(prompt_tokens)
     history = history.at[rows, prompt_lengths].set(first)
     out = jnp.full((batch, max_new_tokens + n), pad_id, jnp.int32).at[:, 0].set(first)
@@ -113,6 +127,9 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
                               target_hidden=prompt_hidden)
     else:
         dstate = drafter.init(target, prompt_tokens, prompt_lengths, max_len, drafter_state)
+    sized_by_rate = sizing is not None and not sampling.greedy
+    rate = jnp.full((batch,), costs.RATE_PRIOR, jnp.float32) if sized_by_rate else None  # [B]
+    depths_by_size = costs.prefix_depths(sizing, tree) if sized_by_rate else None
     zeros = jnp.zeros((batch,), jnp.int32)
     stats = (jnp.ones((batch,), jnp.int32), zeros, zeros, jnp.zeros((batch, depth_max), jnp.int32))
 
@@ -127,12 +144,22 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
         ctx = Context(history=history, length=cache.lengths + 1, cache_lengths=cache.lengths,
                       active=active)
         draft, dstate = drafter.propose(state["dstate"], ctx, sampling, draft_key, vocab)
+        proposed = draft                  # what the drafter is told about (its own node indices)
+        if constraint is not None:        # prune to the language before the target is seen
+            draft, node_state = constrain_draft(constraint, draft, state["dfa"], depth_max)
+
+        def constrained(logits):
+            """The target logits [B, n, V] verification sees: masked at each node's state."""
+            if constraint is None:
+                return logits
+            return constraints.mask_logits(constraint, logits, node_state[:, :logits.shape[1]])
+
         depth, mask = tree_tables(draft, depth_max, tree)
         positions = cache.lengths[:, None] + depth                                 # [B, N]
 
         def score(cache):
             logits, hidden, cache = forward(target, draft.tokens, cache, positions, mask)
-            verdict = verify(rule, draft, logits, sampling, verify_key,
+            verdict = verify(rule, draft, constrained(logits), sampling, verify_key,
                              max_depth=depth_max, max_children=max_children)
             return logits, hidden, cache, verdict
 
@@ -141,7 +168,7 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
             logits, hidden, cache = forward(target, draft.tokens[:, :1], cache, positions[:, :1])
             verdict = Verdict(path=jnp.zeros((batch, depth_max + 1), jnp.int32),
                               num_accepted=jnp.zeros((batch,), jnp.int32),
-                              next_token=sample(verify_key, logits[:, 0], sampling))
+                              next_token=sample(verify_key, constrained(logits)[:, 0], sampling))
             pad = [(0, 0), (0, n - 1), (0, 0)]
             return jnp.pad(logits, pad), jnp.pad(hidden, pad), cache, verdict
 
@@ -156,8 +183,8 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
             logits, hidden, cache = forward(target, sub.tokens, cache, positions[:, :size],
                                             mask[:, :size, :size])
             sub_depth = int(tree.depths[:size].max()) if isinstance(tree, TreeSpec) else depth_max
-            verdict = verify(rule, sub, logits, sampling, verify_key, max_depth=sub_depth,
-                             max_children=max_children)
+            verdict = verify(rule, sub, constrained(logits), sampling, verify_key,
+                             max_depth=sub_depth, max_children=max_children)
             pad = [(0, 0), (0, n - size), (0, 0)]
             verdict = verdict.replace(path=jnp.pad(verdict.path, [(0, 0), (0, depth_max - sub_depth)]))
             return jnp.pad(logits, pad), jnp.pad(hidden, pad), cache, verdict
@@ -165,11 +192,19 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
         verified = jnp.full((), n, jnp.int32)                  # nodes scored this round
         if sizing is not None and draft.confidence is not None and sampling.greedy:
             # Chosen from draft-side values only (before any target logits are seen): lossless.
-            # Greedy only: under sampling a node's confidence (its drawn token's q, its children's
-            # q) depends on the drawn token, so verifying it or not by confidence skews its law
-            # (seeded chi-square p ~ 1e-18 with per-row choices, tests/speculative/test_costs.py).
+            # Greedy rounds only: under sampling a node's confidence (its drawn token's q, its
+            # children's q) depends on the drawn token, so verifying it or not by confidence skews
+            # its law (seeded chi-square p ~ 1e-18 with per-row choices, test_costs.py); sampled
+            # rounds are sized by earlier rounds' acceptance rates instead (next branch).
             index = choose_size(sizing, draft.confidence, draft.parents, draft.valid, active,
                                 depth_max)
+            verified = jnp.asarray(sizing.sizes, jnp.int32)[index]
+            target_logits, target_hidden, cache, verdict = jax.lax.switch(
+                index, [functools.partial(score_prefix, size) for size in sizing.sizes], cache)
+        elif sized_by_rate:
+            # Sampled rounds: the size comes from acceptance rates of earlier rounds, so it is
+            # fixed before this round's draft is drawn and the rule stays lossless (costs.py).
+            index = costs.choose_size_by_rate(sizing, state["rate"], depths_by_size, active)
             verified = jnp.asarray(sizing.sizes, jnp.int32)[index]
             target_logits, target_hidden, cache, verdict = jax.lax.switch(
                 index, [functools.partial(score_prefix, size) for size in sizing.sizes], cache)
@@ -204,21 +239,30 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
         if not _is_chain(tree):
             cache = compact(cache, verdict.path, jnp.where(active, accepted + 1, 0))
         cache = commit(cache, jnp.where(active, jnp.minimum(accepted + 1, count), 0))
+        dfa = state["dfa"]
+        if constraint is not None:  # the state after the last accepted node, then next_token
+            last = jnp.take_along_axis(verdict.path, accepted[:, None], axis=1)[:, 0]
+            moved = constraints.advance(constraint, node_state[rows, last], verdict.next_token)
+            dfa = jnp.where(active, moved, dfa)
         if uses_hidden:
-            dstate = drafter.commit(dstate, ctx, draft, verdict, target_logits,
+            dstate = drafter.commit(dstate, ctx, proposed, verdict, target_logits,
                                     target_hidden=target_hidden)
         else:
-            dstate = drafter.commit(dstate, ctx, draft, verdict, target_logits)
+            dstate = drafter.commit(dstate, ctx, proposed, verdict, target_logits)
+        rate = state["rate"]
+        if sized_by_rate:  # node 1's exact acceptance probability against the target's root
+            root_logits = target_logits[:, :1] if constraint is None else constrained(target_logits[:, :1])
+            rate = costs.update_rate(rate, draft, probabilities(root_logits[:, 0], sampling), active)
         steps, drafted, acc, by_pos = state["stats"]
         drafted_now = jnp.sum(draft.valid & (jnp.arange(n)[None, :] < verified), axis=1) - 1
         stats = (steps + active, drafted + jnp.where(active, drafted_now, 0),
                  acc + jnp.where(active, accepted, 0),
                  by_pos + (active[:, None] & (accepted[:, None] > jnp.arange(depth_max)[None, :])))
         return dict(cache=cache, history=history, out=out, n_out=n_out, done=done, dstate=dstate,
-                    stats=stats, round=state["round"] + 1)
+                    stats=stats, round=state["round"] + 1, dfa=dfa, rate=rate)
 
     state = dict(cache=cache, history=history, out=out, n_out=n_out, done=done, dstate=dstate,
-                 stats=stats, round=jnp.int32(1))
+                 stats=stats, round=jnp.int32(1), dfa=dfa, rate=rate)
     state = jax.lax.while_loop(cond, body, state)
     steps, drafted, acc, by_pos = state["stats"]
     output = TokenOutput(tokens=state["out"][:, :max_new_tokens], lengths=state["n_out"],
@@ -240,8 +284,9 @@ def _is_chain(tree) -> bool:
 
 
 def speculative_program(max_new_tokens, pad_id, mesh, target, drafter, prompt_tokens,
-                        prompt_lengths, sampling, key, stop_tokens, limit, drafter_state):
+                        prompt_lengths, sampling, key, stop_tokens, limit, drafter_state,
+                        constraint=None):
     """The jitted program behind js.generate(..., drafter=...)."""
     return generate_tokens(target, drafter, prompt_tokens, prompt_lengths, max_new_tokens,
                            sampling, key, stop_tokens=stop_tokens, limit=limit, pad_id=pad_id,
-                           drafter_state=drafter_state, mesh=mesh)
+                           drafter_state=drafter_state, mesh=mesh, constraint=constraint)
