@@ -13,6 +13,7 @@ from jaxspec.loading import load
 from jaxspec.models import KVCache, Model, ModelConfig, forward, save
 from jaxspec.models.default import load_default
 from jaxspec.sampling import Sampling
+from jaxspec.constraints import Constraint
 from jaxspec import speculative
 from jaxspec.speculative import trees
 from jaxspec.speculative.drafters import DraftModel, Eagle, Medusa, PromptLookup, TokenRecycling
@@ -20,5 +21,5 @@ from jaxspec.speculative.default import default_drafter
 from jaxspec import sharding
 from jaxspec.sharding import make_mesh, shard
 
-__all__ = ["BeamSearchOutput", "beam_search", "search", "DraftModel", "Eagle", "Medusa", "default_drafter", "TokenRecycling", "GenerateOutput", "PromptLookup", "speculative", "trees", "KVCache", "Model", "ModelConfig", "Sampling",
+__all__ = ["Constraint", "BeamSearchOutput", "beam_search", "search", "DraftModel", "Eagle", "Medusa", "default_drafter", "TokenRecycling", "GenerateOutput", "PromptLookup", "speculative", "trees", "KVCache", "Model", "ModelConfig", "Sampling",
            "autoregressive_tokens", "forward", "generate", "load", "make_mesh", "shard", "sharding", "load_default", "save"]

@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxspec import chat
 from jaxspec import decoding
+from jaxspec.constraints import Constraint
 from jaxspec.autoregressive import autoregressive_tokens
 from jaxspec.decoding import TokenOutput, bucket
 from jaxspec.models.transformer import Model
@@ -105,15 +106,36 @@ def pad_token_id(model: Model) -> int:
 
 
 def _autoregressive_program(max_new_tokens, pad_id, mesh, model, prompt_tokens, prompt_lengths,
-                            sampling, key, stop_tokens, limit):
+                            sampling, key, stop_tokens, limit, constraint=None):
     return autoregressive_tokens(model, prompt_tokens, prompt_lengths, max_new_tokens, sampling,
-                                 key, stop_tokens, limit, pad_id, mesh=mesh)
+                                 key, stop_tokens, limit, pad_id, mesh=mesh, constraint=constraint)
+
+
+def check_constraint(model: Model, constraint) -> Constraint | None:
+    """Refuse what is not a js.Constraint or does not fit the model's vocabulary; a table built
+    for a smaller vocabulary (the tokenizer's, under a padded embedding) is widened with -1."""
+    if constraint is None:
+        return None
+    if not isinstance(constraint, Constraint):
+        raise ValueError("constraint must be None or a js.Constraint (js.Constraint.regex(pattern, "
+                         f"model) or js.Constraint.json_schema(schema, model)), got "
+                         f"{type(constraint).__name__}")
+    width, vocab = constraint.vocab_size, model.config.vocab_size
+    if width > vocab:
+        raise ValueError(f"the constraint was built for a vocabulary of {width} tokens but the "
+                         f"model has {vocab}: build it with this model's tokenizer "
+                         "(js.Constraint.regex(pattern, model))")
+    if width < vocab:
+        import jax.numpy as jnp
+        constraint = constraint.replace(next_state=jnp.pad(
+            constraint.next_state, [(0, 0), (0, vocab - width)], constant_values=-1))
+    return constraint
 
 
 def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64,
              sampling: Sampling | None = None, drafter=None, seed: int = 0,
              stop_tokens: Sequence[int] | None = None, drafter_state=None,
-             mesh=None) -> GenerateOutput:
+             mesh=None, constraint: Constraint | None = None) -> GenerateOutput:
     """Generate continuations of `prompts` (strings, conversations or token-id lists).
 
     A conversation is a list of {"role", "content"} dicts: the model's chat template is applied
@@ -123,6 +145,9 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64,
     speculative decoding, whose output is exactly what the target alone would produce.
     mesh (js.make_mesh): run sharded; the target is split by jaxspec.sharding.RULES (unless
     already placed on this mesh), the drafter replicated, the prompts split by row on "data".
+    constraint (js.Constraint.regex / .json_schema): every row's text is a match (or, cut by
+    max_new_tokens, a prefix of one); with a drafter, drafts are pruned to the language and the
+    output is exactly constrained autoregressive decoding's.
     """
     sampling = Sampling() if sampling is None else sampling
     if not isinstance(sampling, Sampling):
@@ -130,6 +155,7 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64,
     check_seed(seed)
     if drafter is not None:
         check_drafter(drafter)
+    constraint = check_constraint(model, constraint)
     encoded = encode_prompts(model, prompts)
     slack = 0 if drafter is None else drafter.cache_slack()
     check_lengths(model, encoded, max_new_tokens, slack)
@@ -158,6 +184,10 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64,
                 row = chat_stops if is_chat else stops
                 per_row[i, :len(row)] = row
             stops = per_row
+    if constraint is not None:  # a finished match stops its row
+        extra = np.asarray(constraint.stop_tokens, np.int32)  # repeats are harmless
+        stops = np.concatenate([stops, np.broadcast_to(extra, stops.shape[:-1] + extra.shape)],
+                               axis=-1).astype(np.int32)
     key = jax.random.PRNGKey(seed)
     limit = np.full((batch,), max_new_tokens, np.int32)
     if mesh is not None:
@@ -171,11 +201,13 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64,
         drafter = drafter.replace(model=drafter.model.replace(tokenizer=None))
     if drafter is None:
         args = (program_model, prompt_tokens, prompt_lengths, sampling, key, stops, limit)
+        args += () if constraint is None else (constraint,)
         program, compile_s = decoding.PROGRAMS.get("autoregressive", _autoregressive_program,
                                                    (m, pad, mesh), args)
     else:
         args = (program_model, drafter, prompt_tokens, prompt_lengths, sampling, key, stops, limit,
                 drafter_state)
+        args += () if constraint is None else (constraint,)
         program, compile_s = decoding.PROGRAMS.get("speculative", speculative_program,
                                                    (m, pad, mesh), args)
     start = time.perf_counter()
