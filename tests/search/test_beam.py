@@ -40,6 +40,7 @@ def test_matches_transformers(checkpoints, prompts, hf_beam_search, stop_tokens_
 
     stops = stop_tokens_for([[h for h, _ in ref] for ref in plain])
     finished_early = stopped_early = False
+    compiled = None
     for length_penalty, early_stopping in VARIANTS:
         label = f"{family} k={num_beams} lp={length_penalty} early_stopping={early_stopping}"
         refs = [hf_beam_search(ckpt, p, num_beams, MAX_NEW, stops, length_penalty=length_penalty,
@@ -48,6 +49,8 @@ def test_matches_transformers(checkpoints, prompts, hf_beam_search, stop_tokens_
                              length_penalty=length_penalty, early_stopping=early_stopping,
                              num_return_sequences=num_beams, stop_tokens=stops)
         assert_same_hypotheses(out, refs, num_beams, label)
+        if compiled is None:  # after the first run with stop tokens
+            compiled = decoding.COMPILATIONS["beam_search"]
         finished_early |= bool(np.any(out.lengths < MAX_NEW))
         stopped_early |= min(out.stats["target_steps"]) < MAX_NEW
     # The stop tokens did end hypotheses early, and searches before the length limit.
@@ -58,7 +61,8 @@ def test_matches_transformers(checkpoints, prompts, hf_beam_search, stop_tokens_
     out = js.beam_search(ckpt.model, prompts, num_beams=num_beams, max_new_tokens=MAX_NEW,
                          stop_tokens=stops)
     assert_same_hypotheses(out, best, 1, f"{family} k={num_beams} best only")
-    assert decoding.COMPILATIONS["beam_search"] >= 1
+    # length_penalty, early_stopping and num_return_sequences are not part of the program.
+    assert decoding.COMPILATIONS["beam_search"] == compiled
 
 
 def test_inside_a_users_jit(checkpoints, prompts, stop_tokens_for, hf_beam_search):
