@@ -86,6 +86,7 @@ class _ProgramCache:
     def __init__(self):
         self._programs = {}
         self.last_memory_bytes = 0  # arguments + outputs + temporaries of the last program used
+        self.last_compiled = None   # the last program used (jaxspec bench --profile reads its HLO)
 
     def get(self, name: str, fn, static: tuple, args: tuple):
         leaves, treedef = jax.tree_util.tree_flatten(args)
@@ -97,8 +98,10 @@ class _ProgramCache:
             self._programs[key] = (compiled, time.perf_counter() - start, _program_bytes(compiled))
             COMPILATIONS[name] += 1
             self.last_memory_bytes = self._programs[key][2]
+            self.last_compiled = compiled
             return compiled, self._programs[key][1]
         self.last_memory_bytes = self._programs[key][2]
+        self.last_compiled = self._programs[key][0]
         return self._programs[key][0], 0.0
 
 

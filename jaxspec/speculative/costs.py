@@ -10,9 +10,16 @@ jitted loop): the expected number of committed tokens of verifying the first S d
 rows x 1 (the target's own token) + the sum over those nodes of P(node accepted), where
 P(node accepted) is the product of the drafter's per-node confidence along its path; the size
 with the most expected tokens per measured millisecond wins. It depends on draft-side values
-only (a prefix of a tree's nodes is a valid tree), which keeps greedy decoding exact; the loop
-sizes greedy rounds only, since under sampling a node's confidence depends on its own drawn token
-(and its children's q on it), and choosing by it would skew the accepted tokens' law.
+only (a prefix of a tree's nodes is a valid tree), which keeps greedy decoding exact. It is used
+for greedy rounds only: under sampling a node's confidence depends on its own drawn token (and its
+children's q on it), and choosing by it would skew the accepted tokens' law.
+
+`choose_size_by_rate(costs, rate, prefix_depths, active)` sizes sampled rounds. It is decided
+before the round's draft is drawn: from each row's acceptance rate, an exponential average over
+earlier rounds of the first draft token's exact acceptance probability sum_x min(p(x), q(x))
+(`first_acceptance`), and the static depth of each size's node prefix. Expected committed
+tokens are sum_{d <= depth} rate^d (Leviathan et al.'s geometric model). Conditioned on the past,
+the round's size is then fixed, so any lossless rule stays lossless (invariant 8).
 """
 
 from __future__ import annotations
@@ -112,6 +119,47 @@ def choose_size(costs: CostModel, confidence, parents, valid, active, max_depth:
     prob = jnp.where(active[:, None], prob, 0.0)
     cumulative = jnp.cumsum(prob, axis=1)                                      # [B, N]
     expected = jnp.stack([cumulative[:, s - 1].sum() for s in costs.sizes])    # [S] (root: 1/row)
+    score = expected / jnp.asarray(costs.ms, jnp.float32)
+    return jnp.argmax(score).astype(jnp.int32)
+
+
+RATE_PRIOR = 0.5   # a row's acceptance rate before its first round
+RATE_DECAY = 0.7   # weight of the past in the per-round exponential average
+
+
+def first_acceptance(draft, root_probs):
+    """P(draft node 1 accepted) [B] under the lossless rule: sum_x min(p(x), q(x)), with p the
+    target's processed distribution at the root (root_probs [B, V]) and q node 1's draft
+    distribution (one-hot for deterministic drafters)."""
+    if draft.q is None:
+        return jnp.take_along_axis(root_probs, draft.tokens[:, 1:2], axis=1)[:, 0]
+    return jnp.sum(jnp.minimum(root_probs, draft.q[:, 1]), axis=-1)
+
+
+def update_rate(rate, draft, root_probs, active):
+    """The exponential average of `first_acceptance` over rounds where node 1 was drafted. [B]"""
+    moved = RATE_DECAY * rate + (1.0 - RATE_DECAY) * first_acceptance(draft, root_probs)
+    return jnp.where(active & draft.valid[:, 1], moved, rate)
+
+
+def prefix_depths(costs: CostModel, tree) -> tuple:
+    """The deepest node among the first s nodes, for each size s (static): from the TreeSpec's
+    depths, or, for a dynamic tree (whose shape is drawn), the depth a chain of s nodes has."""
+    depths = getattr(tree, "depths", None)
+    if depths is None:
+        return tuple(min(s - 1, tree.max_depth) for s in costs.sizes)
+    return tuple(int(max(depths[:s])) for s in costs.sizes)
+
+
+def choose_size_by_rate(costs: CostModel, rate, depths: tuple, active):
+    """Index into costs.sizes maximising expected committed tokens per ms when each draft depth
+    is reached with probability rate^depth. rate: [B] float32; depths: per size (static);
+    active: [B]. Returns an int32 scalar. Uses nothing of the current round's draft."""
+    rate = jnp.where(active, jnp.clip(rate, 0.0, 0.999), 0.0)                     # [B]
+    powers = rate[:, None] ** jnp.arange(max(depths) + 1)[None, :]                 # [B, D+1]
+    powers = jnp.where(active[:, None], powers, 0.0)
+    reached = jnp.cumsum(powers.sum(axis=0))                                       # [D+1]
+    expected = jnp.stack([reached[d] for d in depths])                             # [S]
     score = expected / jnp.asarray(costs.ms, jnp.float32)
     return jnp.argmax(score).astype(jnp.int32)
 

@@ -207,6 +207,46 @@ def test_choose_size_maximises_expected_tokens_per_ms(seed):
     assert _choose(model, c, active=tuple(active)) == int(np.argmax(score))
 
 
+def test_first_acceptance_and_rate_by_hand():
+    """sum_x min(p, q) of node 1 (q given), p(token) of node 1 (one-hot drafts); the average
+    moves only for active rows whose node 1 was drafted."""
+    p = np.asarray([[0.5, 0.3, 0.2, 0.0], [0.1, 0.1, 0.1, 0.7]], np.float32)
+    q1 = np.asarray([[0.2, 0.6, 0.1, 0.1], [0.0, 0.0, 0.0, 1.0]], np.float32)
+    q = np.zeros((2, 3, 4), np.float32)
+    q[:, 1] = q1
+    tokens = np.asarray([[0, 1, 2], [3, 3, 0]], np.int32)
+    parents = np.broadcast_to(np.arange(-1, 2, dtype=np.int32), (2, 3))
+    valid = np.asarray([[1, 1, 1], [1, 0, 0]], bool)
+    from jaxspec.speculative.draft import Draft
+    sampled = Draft(tokens=jnp.asarray(tokens), parents=jnp.asarray(parents),
+                    valid=jnp.asarray(valid), q=jnp.asarray(q))
+    np.testing.assert_allclose(costs.first_acceptance(sampled, jnp.asarray(p)),
+                               [0.2 + 0.3 + 0.1, 0.7], rtol=1e-6)
+    onehot = sampled.replace(q=None)
+    np.testing.assert_allclose(costs.first_acceptance(onehot, jnp.asarray(p)), [0.3, 0.7])
+    rate = jnp.asarray([0.5, 0.5])
+    got = costs.update_rate(rate, sampled, jnp.asarray(p), jnp.asarray([True, True]))
+    d = costs.RATE_DECAY
+    np.testing.assert_allclose(got, [d * 0.5 + (1 - d) * 0.6, 0.5], rtol=1e-6)  # row 1: no node 1
+    got = costs.update_rate(rate, sampled, jnp.asarray(p), jnp.asarray([False, True]))
+    np.testing.assert_allclose(got, [0.5, 0.5])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_choose_size_by_rate_maximises_geometric_expectation(seed):
+    rng = np.random.default_rng(seed)
+    model = CostModel(sizes=(1, 2, 4, 8), ms=tuple(np.cumsum(rng.uniform(0.1, 1.0, 4)).tolist()))
+    depths = (0, 1, 2, 3)               # e.g. a binary tree's prefixes
+    rate = rng.uniform(0, 1, 3)
+    active = np.asarray([True, rng.uniform() < 0.5, True])
+    expected = [sum(r ** d for r, a in zip(rate, active) if a for d in range(k + 1)) for k in depths]
+    fn = jax.jit(costs.choose_size_by_rate, static_argnums=(0, 2))
+    got = int(fn(model, jnp.asarray(rate, jnp.float32), depths, jnp.asarray(active)))
+    assert got == int(np.argmax(np.asarray(expected) / np.asarray(model.ms)))
+    assert costs.prefix_depths(model, js.trees.kary(2, 3)) == (0, 1, 2, 3)  # breadth first
+    assert costs.prefix_depths(model, js.trees.chain(7)) == (0, 1, 3, 7)
+
+
 # -- 3. calibration and its cache --------------------------------------------------------------
 
 @pytest.fixture
@@ -467,6 +507,25 @@ def test_sampled_law_with_a_pruning_cost_table():
           f"accepted {accepted.mean():.2f} per row")
     assert cells >= 20
     assert (accepted == 0).any() and (accepted >= 1).any()
+    assert pvalue > 1e-3
+
+
+def test_sampled_law_with_rate_sized_chains():
+    """Sampled rounds sized by earlier rounds' acceptance rates: a chain of 3 under sizes
+    (1, 2, 4) at ms (1, 1.45, 1.75), where a rate above ~0.47 verifies the whole chain and one
+    below it takes a plain step. Round 1 (rate prior 0.5) verifies the chain; a row that accepts
+    nothing there needs a second round, plain or whole depending on how acceptable its first
+    draft was. Both happen (drafted 3 with nothing accepted: plain; drafted 6: whole), and the
+    first three tokens keep the target's exact law (seeded chi-square, one run per row)."""
+    target, _ = small_models(SMALL_VOCAB)
+    drafter = _sharpened(Eagle.create(target, num_tokens=3, key=5), seed=5)
+    drafter = drafter.replace(sizing=CostModel(sizes=(1, 2, 4), ms=(1.0, 1.45, 1.75)),
+                              stop_below=None)
+    pvalue, cells, drafted, accepted = _law_test(target, drafter, seed=11)
+    print(f"chain: p={pvalue:.3g} over {cells} cells, drafted {drafted.mean():.2f}, "
+          f"accepted {accepted.mean():.2f} per row")
+    assert cells >= 20
+    assert ((drafted == 3) & (accepted == 0)).any() and (drafted == 6).any()
     assert pvalue > 1e-3
 
 

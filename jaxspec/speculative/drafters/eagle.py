@@ -32,6 +32,7 @@ for: `check_compatible` refuses another target by hidden size, vocabulary or wei
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -148,6 +149,11 @@ class Eagle:
     # "auto" (js.generate measures the curve once and caches it), a costs.CostModel or a
     # {new tokens: ms} table, or None (always verify the whole tree).
     sizing: object = struct.field(pytree_node=False, default="auto")
+    # A deeper tree level is drafted only while some active row's best node at the level above
+    # has path probability (product of draft confidences from the root) >= stop_below; later
+    # levels are left invalid (never verified, never accepted). None drafts every level. The
+    # decision reads only nodes above the level it cuts, so the sampled rule stays lossless.
+    stop_below: float | None = struct.field(pytree_node=False, default=0.1)
     # The target's frozen arrays the drafter reads ({"embed": [V, D], "head": [V', D]}), bound
     # once per program (`bind`) so they are loop constants, not a 100+ MB while_loop carry.
     bound: dict | None = None
@@ -170,6 +176,8 @@ class Eagle:
                              f"{type(self.tree).__name__}")
         elif self.tree.max_depth < 1:
             raise ValueError("Eagle tree drafts nothing: give a tree with at least one draft node")
+        if self.stop_below is not None and not 0.0 <= self.stop_below < 1.0:
+            raise ValueError(f"stop_below must be in [0, 1) or None, got {self.stop_below!r}")
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -188,7 +196,7 @@ class Eagle:
         return Eagle(params=self.params, config=self.config,
                      num_tokens=self.num_tokens if num_tokens is None else num_tokens, tree=tree,
                      target_fingerprint=self.target_fingerprint,
-                     sizing=self.sizing if sizing is ... else sizing)
+                     sizing=self.sizing if sizing is ... else sizing, stop_below=self.stop_below)
 
     def save(self, path: str | os.PathLike, dtype: str = "bfloat16", extra: dict | None = None):
         """safetensors weights + config.json (layer config, head size, target fingerprint)."""
@@ -312,7 +320,7 @@ class Eagle:
     def propose(self, state: EagleState, ctx: Context, sampling: Sampling, key, vocab: int):
         tree = self.tree
         n, max_depth = tree.num_nodes, tree.max_depth
-        depths, parents_np, ranks = tree.depths, np.asarray(tree.parents), tree.child_rank
+        depths, parents_np = tree.depths, np.asarray(tree.parents)
         num_children = np.bincount(parents_np[1:], minlength=n)
         batch = ctx.length.shape[0]
         rows = jnp.arange(batch)
@@ -336,46 +344,72 @@ class Eagle:
         q = None if sampling.greedy else jnp.zeros((batch, n, vocab), jnp.float32)
         confidence = jnp.ones((batch, n), jnp.float32)
         hidden = jnp.zeros((batch, n, h_root.shape[-1]), h_root.dtype).at[:, 0].set(h_root)
+        path_prob = jnp.ones((batch, n), jnp.float32)       # product of confidences from the root
+        carry = (tokens, valid, q, confidence, hidden, path_prob)
         for level in range(max_depth):
             expand = np.flatnonzero((depths == level) & (num_children > 0))         # static
             if expand.size == 0:
                 continue
-            if level > 0:  # feed nodes 1 .. end (earlier levels again) to get these nodes' h
-                end = int(expand.max()) + 1
-                nodes = np.arange(1, end)
-                inputs = draft_features(self.params, self.config,
-                                        hidden[:, parents_np[nodes]], embed[tokens[:, nodes]])
-                mask = jnp.broadcast_to(jnp.asarray(tree.ancestor_mask[1:end, 1:end]),
-                                        (batch, end - 1, end - 1))
-                positions = committed[:, None] + jnp.asarray(depths[nodes] - 1)[None, :]
-                fed, _ = layer_step(self.params, self.config, inputs, cache, positions, mask)
-                hidden = hidden.at[:, nodes].set(fed)
-            logits = head_logits(head, hidden[:, expand])                      # [B, U, V']
-            width = int(num_children[expand].max())
-            if sampling.greedy:
-                score = logits
-            else:
-                processed = processed_logits(logits, sampling)
-                score = processed + jax.random.gumbel(jax.random.fold_in(key, level), processed.shape)
-            top_score, top_index = jax.lax.top_k(score, width)                       # [B, U, W]
-            kids = np.flatnonzero(np.isin(parents_np, expand) & (np.arange(n) > 0))
-            slot = np.searchsorted(expand, parents_np[kids])
-            tokens = tokens.at[:, kids].set(head_ids[top_index[:, slot, ranks[kids]]])
-            valid = valid.at[:, kids].set(jnp.isfinite(top_score[:, slot, ranks[kids]])
-                                          & ctx.active[:, None])
-            # Acceptance estimate of each child: its draft probability (EAGLE-2's observation:
-            # a well-trained draft's confidence tracks the acceptance rate).
-            dist = jax.nn.softmax(logits if sampling.greedy else processed, axis=-1)  # [B, U, V']
-            chosen = top_index[:, slot, ranks[kids]]                                 # [B, K]
-            confidence = confidence.at[:, kids].set(
-                jnp.take_along_axis(dist[:, slot], chosen[..., None], axis=-1)[..., 0])
-            if q is not None:
-                probs = jax.nn.softmax(processed, axis=-1)[:, slot]                  # [B, K, V']
-                q = q.at[:, kids].set(jnp.zeros((batch, kids.size, vocab), jnp.float32)
-                                      .at[:, :, head_ids].set(probs))
+            draft_level = functools.partial(self._draft_level, level, expand, committed, cache,
+                                            embed, head, head_ids, sampling, key, vocab,
+                                            ctx.active)
+            if level == 0 or self.stop_below is None:
+                carry = draft_level(carry)
+            else:  # skip the level (and so every deeper one) when no row is likely to get there
+                frontier = jnp.where(ctx.active[:, None] & carry[1][:, expand],
+                                     carry[5][:, expand], 0.0)                       # [B, U]
+                carry = jax.lax.cond(jnp.max(frontier) >= self.stop_below, draft_level,
+                                     lambda c: c, carry)
+        tokens, valid, q, confidence, _, _ = carry
         parents = jnp.broadcast_to(jnp.asarray(parents_np, jnp.int32), (batch, n))
         draft = Draft(tokens=tokens, parents=parents, valid=valid, q=q, confidence=confidence)
         return draft, state.replace(cache=cache)
+
+    def _draft_level(self, level, expand, committed, cache, embed, head, head_ids, sampling, key,
+                     vocab, active, carry):
+        """Draft the children of the tree nodes `expand` (static, all at depth `level`)."""
+        tree = self.tree
+        n = tree.num_nodes
+        depths, parents_np, ranks = tree.depths, np.asarray(tree.parents), tree.child_rank
+        num_children = np.bincount(parents_np[1:], minlength=n)
+        tokens, valid, q, confidence, hidden, path_prob = carry
+        batch = tokens.shape[0]
+        if level > 0:  # feed nodes 1 .. end (earlier levels again) to get these nodes' h
+            end = int(expand.max()) + 1
+            nodes = np.arange(1, end)
+            inputs = draft_features(self.params, self.config,
+                                    hidden[:, parents_np[nodes]], embed[tokens[:, nodes]])
+            mask = jnp.broadcast_to(jnp.asarray(tree.ancestor_mask[1:end, 1:end]),
+                                    (batch, end - 1, end - 1))
+            positions = committed[:, None] + jnp.asarray(depths[nodes] - 1)[None, :]
+            fed, _ = layer_step(self.params, self.config, inputs, cache, positions, mask)
+            hidden = hidden.at[:, nodes].set(fed)
+        logits = head_logits(head, hidden[:, expand])                      # [B, U, V']
+        width = int(num_children[expand].max())
+        if sampling.greedy:
+            score = logits
+        else:
+            processed = processed_logits(logits, sampling)
+            score = processed + jax.random.gumbel(jax.random.fold_in(key, level), processed.shape)
+        top_score, top_index = jax.lax.top_k(score, width)                       # [B, U, W]
+        kids = np.flatnonzero(np.isin(parents_np, expand) & (np.arange(n) > 0))
+        slot = np.searchsorted(expand, parents_np[kids])
+        tokens = tokens.at[:, kids].set(head_ids[top_index[:, slot, ranks[kids]]])
+        valid = valid.at[:, kids].set(jnp.isfinite(top_score[:, slot, ranks[kids]])
+                                      & active[:, None])
+        # Acceptance estimate of each child: its draft probability (EAGLE-2's observation:
+        # a well-trained draft's confidence tracks the acceptance rate).
+        dist = jax.nn.softmax(logits if sampling.greedy else processed, axis=-1)  # [B, U, V']
+        chosen = top_index[:, slot, ranks[kids]]                                 # [B, K]
+        confidence = confidence.at[:, kids].set(
+            jnp.take_along_axis(dist[:, slot], chosen[..., None], axis=-1)[..., 0])
+        if q is not None:
+            probs = jax.nn.softmax(processed, axis=-1)[:, slot]                  # [B, K, V']
+            q = q.at[:, kids].set(jnp.zeros((batch, kids.size, vocab), jnp.float32)
+                                  .at[:, :, head_ids].set(probs))
+        path_prob = path_prob.at[:, kids].set(path_prob[:, parents_np[kids]]
+                                              * confidence[:, kids])
+        return tokens, valid, q, confidence, hidden, path_prob
 
     def commit(self, state: EagleState, ctx: Context, draft: Draft, verdict, target_logits,
                target_hidden=None):
