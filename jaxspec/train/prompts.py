@@ -192,3 +192,108 @@ def document_conversations(count: int = 400, seed: int = 1) -> list[list[dict]]:
     return [[{"role": "user", "content": rng.choice(questions).format(n=name)},
              {"role": "assistant", "content": doc}]
             for name, doc in _long_docstrings(count, rng)]
+
+
+# -- self-instruct: the target writes the user requests it is then asked to answer --------------
+
+# Written for this file (none from the held-out benchmark); shown four at a time as the start of
+# a numbered list that the target continues. A small instruct model does not follow "write a
+# question" meta-instructions, but it continues a list of requests in kind.
+EXAMPLE_REQUESTS = [
+    "How can I keep my cat from scratching the sofa?",
+    "Write a short speech for my brother's wedding that is funny but kind.",
+    "What is the difference between weather and climate?",
+    "I have an interview for a bank job tomorrow. What questions should I prepare for?",
+    "My tomato plants have brown spots on the leaves. What could be wrong?",
+    "Can you suggest a weekly workout plan for someone who has never exercised?",
+    "Write a thank-you note to a teacher who helped me with my exams.",
+    "Why do onions make people cry when they cut them?",
+    "What should I pack for a week-long hiking trip in the mountains?",
+    "Give me three ideas for a birthday present for my father, who likes fishing.",
+    "How do I explain to my manager that I need more time for a project?",
+    "What are the pros and cons of working from home?",
+    "Write a short poem about autumn leaves.",
+    "How does a credit score work, and how can I improve mine?",
+    "What is a healthy breakfast I can make in five minutes?",
+    "Explain how vaccines train the immune system, in simple words.",
+    "I want to learn to play the guitar. Where should I start?",
+    "Describe the main causes of the First World War.",
+    "How can I save money on groceries without eating badly?",
+    "Write a product description for a reusable water bottle.",
+    "What are some good ways to make new friends after moving to a new city?",
+    "How do airplanes stay in the air?",
+    "Suggest a name and a slogan for a small bakery.",
+    "My neighbour plays loud music late at night. How should I talk to them about it?",
+    "What is the best way to study for a history exam?",
+    "Summarize the plot of a typical detective story in a few sentences.",
+    "How do I make a simple tomato sauce from scratch?",
+    "Compare living in a big city with living in the countryside.",
+    "Write a polite email to a landlord asking for a repair.",
+    "Why is the sky blue during the day and red at sunset?",
+    "What are the first steps to start a small online business?",
+    "Give me tips for staying calm before a presentation.",
+]
+
+
+def request_list_prompts(count: int, seed: int = 0, shown: int = 4) -> list[str]:
+    """`count` raw-text prompts, each the start of a numbered list of user requests (`shown`
+    seeded examples) that ends at the next item's number, for the target to continue."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        examples = rng.sample(EXAMPLE_REQUESTS, shown)
+        lines = "".join(f"{i + 1}. {e}\n" for i, e in enumerate(examples))
+        out.append("Here is a list of requests that users sent to a helpful AI assistant, on many "
+                   f"different subjects.\n\n{lines}{shown + 1}.")
+    return out
+
+
+def parse_listed_requests(text: str, seen: set | None = None) -> list[str]:
+    """The well-formed requests in a continuation of `request_list_prompts`: one per list item,
+    a question or sentence of 20-240 characters ending in '?' or '.', new (case-insensitively)
+    to `seen` and to the shown examples; `seen` is updated."""
+    seen = set() if seen is None else seen
+    known = {e.lower() for e in EXAMPLE_REQUESTS}
+    out = []
+    for item in re.split(r"\n\s*\d+\.\s*", "\n" + text.strip().split("\n\n")[0]):
+        item = item.strip()
+        if not (20 <= len(item) <= 240) or item[-1] not in "?." or "\n" in item:
+            continue
+        if item[0].isdigit() or not item[0].isalpha():
+            continue
+        key = item.lower()
+        if key in seen or key in known:
+            continue
+        seen.add(key)
+        out.append(item)
+    return out
+
+
+SUMMARY_INSTRUCTIONS = ["Summarize the following text in one or two sentences:",
+                        "Write a short summary of this passage:",
+                        "What is the main point of the text below? Answer briefly.",
+                        "Summarize the text below for a busy reader:"]
+
+
+def passage_prompts(passages: list[str], count: int, seed: int = 0) -> list[list[dict]]:
+    """Summarization, retrieval-augmented QA and translation conversations over `passages`
+    (e.g. paragraphs the target wrote for an earlier corpus), deterministic in `seed`."""
+    rng = random.Random(seed)
+    sentences = [s for p in passages for s in re.split(r"(?<=[.!?])\s+", p)
+                 if 40 <= len(s) <= 160 and s[0].isupper() and "\n" not in s]
+    out = []
+    for i in range(count):
+        passage = rng.choice(passages)
+        kind = i % 3
+        if kind == 0:
+            text = f"{rng.choice(SUMMARY_INSTRUCTIONS)}\n\n{passage}"
+        elif kind == 1:
+            t = rng.choice(TOPICS)
+            question = rng.choice(QUESTIONS).format(t=t)
+            text = (f"Answer the question using the information in the passage.\n\nPassage:\n{passage}"
+                    f"\n\nQuestion: {rng.choice(['What does the passage say about its subject?', question])}")
+        else:
+            sentence = rng.choice(sentences) if sentences else passage[:160]
+            text = f"Translate the following English text into {rng.choice(LANGUAGES)}:\n\n{sentence}"
+        out.append([{"role": "user", "content": text}])
+    return out

@@ -67,3 +67,33 @@ def read_corpus(out_dir) -> list[tuple[np.ndarray, int]]:
         for i in range(len(plen)):
             seqs.append((tokens[offsets[i]:offsets[i + 1]], int(plen[i])))
     return seqs
+
+
+def sample_requests(target, count: int, out_file, batch_size: int = 64, max_new_tokens: int = 80,
+                    seed: int = 0, log=print) -> list[str]:
+    """Self-instruct: `count` user requests the target writes itself, by continuing numbered
+    lists of example requests (`prompts.request_list_prompts`) with temperature 0.9, top-p 0.95.
+
+    Written to `out_file` (JSON) after every batch, so an interrupted run resumes where it was.
+    """
+    import jaxspec as js
+    from jaxspec.train.prompts import parse_listed_requests, request_list_prompts
+
+    out_file = Path(out_file)
+    state = json.loads(out_file.read_text()) if out_file.exists() else {"batches": 0, "requests": []}
+    seen = {r.lower() for r in state["requests"]}
+    sampling = js.Sampling(temperature=0.9, top_p=0.95)
+    while len(state["requests"]) < count:
+        b = state["batches"]
+        prompts = request_list_prompts(batch_size, seed=seed * 1_000_003 + b)
+        ids = [target.tokenizer.encode(p) for p in prompts]
+        res = js.generate(target, ids, max_new_tokens=max_new_tokens, sampling=sampling,
+                          seed=seed * 1_000_003 + b)
+        for text in res.texts:
+            state["requests"].extend(parse_listed_requests(text, seen))
+        state["batches"] = b + 1
+        tmp = out_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=0))
+        tmp.rename(out_file)
+        log(f"requests batch {b + 1}: {len(state['requests'])}/{count}")
+    return state["requests"][:count]

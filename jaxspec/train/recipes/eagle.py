@@ -2,6 +2,10 @@
 
 Stages (each resumes from what is already in --work):
   1. corpus    the target's greedy answers to offline prompts (jaxspec.train.prompts), in shards
+  1b. requests  (--self-instruct N) N user requests the target writes itself by continuing lists
+               of example requests (requests.json), and --passages prompts that summarize,
+               answer from or translate paragraphs of the stage-1 answers; their greedy answers
+               form a second corpus (corpus_si), for diversity the templates lack
   2. features  the target's final hidden states and greedy tokens on every corpus sequence
                (features.npz), and on docstring conversations it did not write (documents.npz)
   3. train     jaxspec.train.eagle's loss through trainer.train (orbax checkpoints, exact resume)
@@ -16,6 +20,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+
+# Stage 1b generates at a larger batch (short, sampled requests; answers as long as the chat
+# benchmark's 128 tokens).
+SI_BATCH = 64
+SI_MAX_NEW_TOKENS = 128
 
 
 def _save_features(path: Path, items) -> None:
@@ -40,6 +50,29 @@ def _load_features(path: Path):
              labels[offsets[i]:offsets[i + 1]]) for i in range(len(lengths))]
 
 
+def _self_instruct_prompts(target, seqs, n_requests: int, n_passages: int, work: Path,
+                           batch_size: int) -> list:
+    """Stage 1b's prompts: self-instructed requests plus prompts over stage-1 answer paragraphs,
+    shuffled with a fixed seed (written to prompts_si.json)."""
+    import random
+
+    from jaxspec.train.prompts import passage_prompts
+    from jaxspec.train.selfdistill import sample_requests
+
+    requests = sample_requests(target, n_requests, work / "requests.json", batch_size=batch_size,
+                               log=lambda s: print(s, flush=True)) if n_requests else []
+    passages = []
+    for tokens, p in seqs:
+        text = target.tokenizer.decode(tokens[p:].tolist(), skip_special_tokens=True)
+        passages += [q.strip() for q in text.split("\n\n") if 200 <= len(q.strip()) <= 900]
+    prompts = [[{"role": "user", "content": r}] for r in requests]
+    if n_passages:
+        prompts += passage_prompts(passages, n_passages, seed=5)
+    random.Random(7).shuffle(prompts)
+    (work / "prompts_si.json").write_text(json.dumps(prompts))
+    return prompts
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="jaxspec train eagle")
     parser.add_argument("--target", default="smollm2-135m-instruct")
@@ -48,6 +81,11 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=640)
     parser.add_argument("--gen-batch", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--self-instruct", type=int, default=0,
+                        help="also answer this many requests the target writes itself")
+    parser.add_argument("--passages", type=int, default=0,
+                        help="also answer this many summarization / passage-QA / translation "
+                             "prompts over paragraphs of the stage-1 answers")
     parser.add_argument("--corpus-only", action="store_true", help="stop after stage 1")
     parser.add_argument("--max-shards", type=int, default=None, help="use at most this many shards")
     parser.add_argument("--documents", type=int, default=800,
@@ -93,24 +131,40 @@ def main(argv=None) -> int:
                                                 batch_size=args.gen_batch,
                                                 max_new_tokens=args.max_new_tokens,
                                                 stop_tokens=stops, log=lambda s: print(s, flush=True)))
-    if args.corpus_only:
-        return 0
     seqs = read_corpus(corpus_dir)
     if args.max_shards is not None:
         seqs = seqs[:args.max_shards * args.gen_batch]
-    feat_file = work / "features.npz"
-    if feat_file.exists():
-        items = _load_features(feat_file)
-    else:
-        items = stage("features", lambda: eagle_train.compute_features(
-            target, seqs, max_len=args.window * 3, log=lambda s: print(s, flush=True),
-            labels=True))
-        _save_features(feat_file, items)
-    n_eval = max(1, len(items) // 20)
-    train_items, eval_items = items[:-n_eval], items[-n_eval:]
+    corpora = [("features.npz", seqs)]
+    if args.self_instruct or args.passages:
+        si_dir = work / "corpus_si"
+        if not (si_dir / "done.json").exists():
+            si_prompts = stage("requests", lambda: _self_instruct_prompts(
+                target, seqs, args.self_instruct, args.passages, work, SI_BATCH))
+            stage("corpus_si", lambda: generate_corpus(
+                target, si_prompts, si_dir, batch_size=SI_BATCH, max_new_tokens=SI_MAX_NEW_TOKENS,
+                stop_tokens=stops,
+                log=lambda s: print(s, flush=True)))
+        corpora.append(("features_si.npz", read_corpus(si_dir)))
+    if args.corpus_only:
+        return 0
+    train_items, eval_items, train_seqs = [], [], []
+    for name, corpus in corpora:  # held out: the last 5% of each corpus
+        feat_file = work / name
+        if feat_file.exists():
+            items = _load_features(feat_file)
+        else:
+            items = stage("features", lambda: eagle_train.compute_features(
+                target, corpus, max_len=args.window * 3, log=lambda s: print(s, flush=True),
+                labels=True))
+            _save_features(feat_file, items)
+        n_eval = max(1, len(items) // 20)
+        train_items += items[:-n_eval]
+        eval_items += items[-n_eval:]
+        train_seqs += corpus[:len(items) - n_eval]
+    seqs = train_seqs
     # VocabTrim: the most frequent tokens the target itself says in its answers.
     head_ids = eagle_train.head_token_ids(
-        [(it[0][p:],) for it, (_, p) in zip(train_items, seqs[:len(train_items)])],
+        [(it[0][p:],) for it, (_, p) in zip(train_items, seqs)],
         target.config.vocab_size, args.head_tokens, always=stops)
     if args.documents:
         doc_file = work / "documents.npz"
@@ -157,7 +211,7 @@ def main(argv=None) -> int:
     # head_order: head positions by descending frequency, so a smaller VocabTrim head can be cut
     # from this one without retraining (jaxspec.bench.chat_bench.trimmed).
     counts = np.zeros(target.config.vocab_size, np.int64)
-    for it, (_, p) in zip(train_items, seqs[:len(train_items)]):
+    for it, (_, p) in zip(train_items, seqs):
         np.add.at(counts, it[0][p:], 1)
     order = np.argsort(-counts[head_ids], kind="stable").astype(np.int32)
     final = dict(result.params, head_ids=jnp.asarray(head_ids), head_order=jnp.asarray(order))
