@@ -22,6 +22,7 @@ is built (`pip install "jaxspec[constraints]"`).
 from __future__ import annotations
 
 import json
+import re
 from collections import deque
 from typing import Any, Sequence
 
@@ -304,8 +305,11 @@ def _build(regex: str, tokenizer, width: int, stops: list[int], max_states: int,
             source = "" if what.startswith("the regex") else f" (built from {what})"
             raise ValueError(f"invalid regular expression {regex!r}{source}: outlines-core cannot "
                              f"build its DFA ({_first_line(byte_err)})") from None
+        missing = re.search(r"following characters: (\[.*?\])", str(err))
+        detail = (f"no token continues it with any of {missing.group(1)}" if missing
+                  else _first_line(err))
         raise ValueError(f"the tokenizer cannot express {what}: some part of it cannot be spelled "
-                         f"with the tokenizer's tokens ({_first_line(err)})") from None
+                         f"with the tokenizer's tokens ({detail})") from None
     transitions = index.get_transitions()            # {state: {token: next state}}
     initial = index.get_initial_state()
     accept = {m[sentinel_id] for m in transitions.values() if sentinel_id in m}
