@@ -31,3 +31,33 @@ def test_bench_refuses_unknown_method(tmp_path):
     args = parser.parse_args(["--methods", "warp_drive", "--no-hf", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="unknown methods \\['warp_drive'\\]"):
         harness.main(args)
+
+
+def test_bench_profile_splits_a_round(tmp_path):
+    """`jaxspec bench --profile` on the shipped pair: every part measured, the speculative
+    program larger than the autoregressive one, files written."""
+    parser = argparse.ArgumentParser()
+    harness.add_arguments(parser)
+    args = parser.parse_args(["--profile", "--max-new-tokens", "8",
+                              "--methods", "autoregressive,draft_model_k4",
+                              "--out", str(tmp_path), "--name", "prof"])
+    assert harness.main(args) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "prof.json").read_text())["rows"]}
+    assert set(rows) == {"autoregressive", "draft_model_k4"}
+    spec = rows["draft_model_k4"]
+    assert spec["nodes"] == 5 and spec["round_ms"] > 0 and spec["target_ms"] > 0
+    assert spec["draft_ms"] > 0 and spec["verify_ms"] >= 0
+    assert spec["rest_ms"] == pytest.approx(spec["round_ms"] - spec["draft_ms"] - spec["target_ms"]
+                                            - spec["verify_ms"])
+    assert spec["hlo_instructions"] > rows["autoregressive"]["hlo_instructions"] > 100
+    assert "| draft_model_k4 | 5 |" in (tmp_path / "prof.md").read_text()
+
+
+def test_hlo_instructions_counts_a_small_program():
+    import jax
+    import jax.numpy as jnp
+
+    from jaxspec.bench.profile import hlo_instructions
+
+    compiled = jax.jit(lambda x: jnp.sin(x) * 2 + jnp.cos(x)).lower(jnp.ones(8)).compile()
+    assert 2 <= hlo_instructions(compiled) < 50

@@ -228,12 +228,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     parser.add_argument("--out", default="benchmarks")
     parser.add_argument("--name", default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="time one round's parts (draft / target / verify / rest) and count "
+                             "the program's HLO instructions, per method (jaxspec/bench/profile.py)")
 
 
 def main(args) -> int:
     import jaxspec as js
     from rich.progress import Progress
 
+    if getattr(args, "profile", False):
+        from jaxspec.bench.profile import main as profile_main
+        return profile_main(args)
     if getattr(args, "model", None):
         from jaxspec.bench.chat_bench import main as chat_main
         return chat_main(args)

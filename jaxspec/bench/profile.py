@@ -1,0 +1,223 @@
+"""`jaxspec bench --profile`: where one speculative round's time goes, measured.
+
+For each method, on one chat prompt (batch 1, greedy):
+  * round: the whole compiled program's decode time (js.generate's seconds, minus a separately
+    timed prefill) divided by its rounds;
+  * its parts, each compiled and timed alone on the state after the prompt (a `fori_loop` of R
+    repetitions minus one repetition, so dispatch is not counted): draft (`drafter.propose`),
+    target (one forward of the round's N nodes under the tree mask: the cost the round pays
+    when it verifies everything), verify (the acceptance rule on those logits);
+  * rest = round - draft - target - verify: commit, compaction, stop handling, the drafter's
+    commit and the while loop's own bookkeeping (drafters run with sizing off, so every round
+    verifies its N nodes and the split is exact; the sized drafter's ms/token is reported beside);
+  * the compiled program's HLO instruction count (the autoregressive program's for scale).
+Writes JSON + Markdown under --out (`profile_<model>_<backend>`).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_INSTRUCTION = re.compile(r"^\s+(ROOT\s+)?[\w.\-%]+ = ", re.M)
+
+
+def hlo_instructions(compiled) -> int:
+    """Instructions in a compiled program's optimized HLO (every computation, fusions included)."""
+    return len(_INSTRUCTION.findall(compiled.as_text()))
+
+
+def _repeat_ms(step, carry, reps: int) -> float:
+    """ms per application of step(carry) -> carry inside one compiled fori_loop (each iteration
+    depends on the last, so nothing is hoisted out of the loop), minus a one-step loop."""
+    def run(n, carry):
+        return jax.lax.fori_loop(0, n, lambda i, c: step(c), carry)
+
+    jitted = jax.jit(run, static_argnums=0)
+    times = {}
+    for n in (1, 1 + reps):
+        jax.block_until_ready(jitted(n, carry))
+        samples = []
+        for _ in range(3):
+            start = time.perf_counter()
+            jax.block_until_ready(jitted(n, carry))
+            samples.append(time.perf_counter() - start)
+        times[n] = statistics.median(samples)
+    return max(times[1 + reps] - times[1], 0.0) * 1000 / reps
+
+
+def round_parts(target, drafter, prompt_ids: list[int], reps: int = 8) -> dict:
+    """ms of draft / target forward (all N nodes) / verify, each alone, after the prompt."""
+    from jaxspec.models.cache import KVCache
+    from jaxspec.models.transformer import forward, unstack_layers
+    from jaxspec.decoding import prefill
+    from jaxspec.sampling import Sampling
+    from jaxspec.speculative.draft import Context
+    from jaxspec.speculative.loop import tree_tables
+    from jaxspec.speculative.verify import verify
+
+    sampling = Sampling()
+    target = target.replace(tokenizer=None)
+    if jax.default_backend() == "cpu" and not isinstance(target.params["layers"], (list, tuple)):
+        target = target.replace(params=unstack_layers(target.params))
+    if hasattr(drafter, "bind"):
+        drafter = drafter.bind(target)
+    tp = len(prompt_ids)
+    tokens = jnp.asarray([prompt_ids], jnp.int32)
+    lengths = jnp.asarray([tp], jnp.int32)
+    n, depth_max = drafter.tree.num_nodes, drafter.tree.max_depth
+    max_len = tp + 64 + n
+    cache = KVCache.create(target.config, 1, max_len, target.dtype)
+    uses_hidden = getattr(drafter, "uses_target_hidden", False)
+    logits, hidden, cache = jax.jit(prefill, static_argnums=4)(target, tokens, lengths, cache,
+                                                               uses_hidden)
+    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    extra = dict(target_hidden=hidden) if uses_hidden else {}
+    dstate = drafter.init(target, tokens, lengths, max_len, None, **extra)
+    history = jnp.zeros((1, max_len), jnp.int32).at[:, :tp].set(tokens).at[0, tp].set(first[0])
+    ctx = Context(history=history, length=cache.lengths + 1, cache_lengths=cache.lengths,
+                  active=jnp.ones((1,), bool))
+    vocab = target.config.vocab_size
+    key = jax.random.PRNGKey(0)
+    draft, _ = jax.jit(lambda s, c: drafter.propose(s, c, sampling, key, vocab))(dstate, ctx)
+    depth, mask = tree_tables(draft, depth_max, drafter.tree)
+    positions = cache.lengths[:, None] + depth
+
+    def draft_step(carry):
+        dstate, acc = carry
+        draft, dstate = drafter.propose(dstate, ctx, sampling, key, vocab)
+        return dstate, acc + draft.tokens.sum()
+
+    def target_step(carry):
+        cache, acc = carry
+        logits, _, cache = forward(target, draft.tokens, cache, positions, mask)
+        return cache, acc + logits[:, -1].sum()
+
+    def verify_step(carry):
+        logits, acc = carry
+        verdict = verify("greedy", draft, logits, sampling, key, max_depth=depth_max,
+                         max_children=drafter.tree.max_children)
+        never = (verdict.num_accepted.sum() == -1).astype(logits.dtype)   # keeps the dependency
+        return logits + never, acc + verdict.num_accepted.sum()
+
+    def prefill_step(carry):
+        cache, acc = carry
+        logits, _, cache = prefill(target, tokens, lengths, cache)
+        return cache, acc + logits.sum()
+
+    zero_i, zero_f = jnp.int32(0), jnp.float32(0)
+    node_logits = jax.jit(lambda t, c: forward(t, draft.tokens, c, positions, mask)[0])(target, cache)
+    return dict(draft_ms=_repeat_ms(draft_step, (dstate, zero_i), reps),
+                target_all_ms=_repeat_ms(target_step, (cache, zero_f), reps),
+                verify_ms=_repeat_ms(verify_step, (node_logits, zero_i), reps),
+                prefill_ms=_repeat_ms(prefill_step, (cache, zero_f), 2),
+                nodes=n)
+
+
+def profile(target, methods: dict, conversation, max_new_tokens: int = 128, repeats: int = 3) -> list[dict]:
+    """One row per method (autoregressive first): round time, its parts, HLO size."""
+    import jaxspec as js
+    from jaxspec import decoding
+    from jaxspec.chat import encode_conversation
+    prompt_ids = (list(conversation) if isinstance(conversation[0], int)
+                  else encode_conversation(target.tokenizer, conversation))
+    rows = []
+    def best_run(drafter):
+        js.generate(target, [conversation], max_new_tokens, drafter=drafter)  # compile, warm
+        compiled = decoding.PROGRAMS.last_compiled
+        runs = [js.generate(target, [conversation], max_new_tokens, drafter=drafter)
+                for _ in range(repeats)]
+        return min(runs, key=lambda r: r.stats["seconds"]), compiled
+
+    for name, shipped in methods.items():
+        # The split is exact for a round that verifies all N nodes: sizing off. The shipped
+        # (sized) drafter's time per token is reported beside it.
+        drafter = shipped.replace(sizing=None) if getattr(shipped, "sizing", None) else shipped
+        best, compiled = best_run(drafter)
+        s = best.stats
+        rounds = max(int(np.sum(s["target_steps"])) - 1, 1)
+        row = dict(method=name, tokens=int(best.lengths[0]), rounds=rounds,
+                   mean_accepted=float(s["mean_accepted"]), hlo_instructions=hlo_instructions(compiled))
+        if drafter is None:
+            row.update(round_ms=1000 * s["seconds"] / rounds)
+        else:
+            parts = round_parts(target, drafter, prompt_ids)
+            round_ms = (1000 * s["seconds"] - parts["prefill_ms"]) / rounds
+            row.update(round_ms=round_ms, draft_ms=parts["draft_ms"], verify_ms=parts["verify_ms"],
+                       target_ms=parts["target_all_ms"], nodes=parts["nodes"],
+                       rest_ms=round_ms - parts["draft_ms"] - parts["verify_ms"]
+                       - parts["target_all_ms"])
+        row["ms_per_token"] = 1000 * s["seconds"] / max(row["tokens"] - 1, 1)
+        if drafter is not shipped:
+            sized, _ = best_run(shipped)
+            row["ms_per_token_sized"] = 1000 * sized.stats["seconds"] / max(int(sized.lengths[0]) - 1, 1)
+        rows.append(row)
+    return rows
+
+
+def write(rows: list[dict], meta: dict, out_dir: Path, name: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    cols = ["method", "nodes", "round_ms", "draft_ms", "target_ms", "verify_ms", "rest_ms",
+            "mean_accepted", "ms_per_token", "ms_per_token_sized", "hlo_instructions"]
+    lines = [f"# Round profile: {meta['model']} on {meta['device']}", "",
+             f"{meta['date']}, jax {meta['jax']}, batch 1, greedy, {meta['max_new_tokens']} new "
+             "tokens, one prompt. Each drafter runs with sizing off (every round verifies its N "
+             "nodes) so the split is exact: round = decode time / rounds (prefill excluded); "
+             "draft, target (one forward of the N nodes) and verify are each compiled and timed "
+             "alone on the state after the prompt; rest = round - draft - target - verify (commit, "
+             "compaction, stops, the drafter's commit, loop bookkeeping). ms_per_token_sized: "
+             "the shipped drafter (sizing on), same prompt.", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:.2f}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    md = out_dir / f"{name}.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md
+
+
+def main(args) -> int:
+    import jaxspec as js
+    from jaxspec.bench.chat_bench import load_prompts, method_table
+
+    target = js.load(args.model) if getattr(args, "model", None) else js.load_default()[0]
+    if getattr(args, "model", None):
+        methods = method_table(target)
+        conversation = load_prompts(code=False)[0][2]
+    else:
+        from jaxspec.bench.harness import heldout_prompts
+        from jaxspec.models.default import load_default
+
+        _, draft = load_default()
+        methods = {"autoregressive": None, "draft_model_k4": js.DraftModel(draft, num_tokens=4),
+                   "prompt_lookup": js.PromptLookup()}
+        conversation = heldout_prompts(1)[0]
+    if args.methods != "all":
+        wanted = set(args.methods.split(",")) | {"autoregressive"}
+        unknown = wanted - set(methods)
+        if unknown:
+            raise ValueError(f"unknown methods {sorted(unknown)}; known: {sorted(methods)}")
+        methods = {k: v for k, v in methods.items() if k in wanted}
+    if isinstance(conversation, str):  # the tiny pair has no chat template: token ids
+        conversation = target.tokenizer.encode(conversation)
+    rows = profile(target, methods, conversation, args.max_new_tokens)
+    model = getattr(args, "model", None) or "jaxspec-tiny-code"
+    meta = dict(model=model, device=f"{platform.machine()} CPU x{jax.device_count()}"
+                if jax.default_backend() == "cpu" else str(jax.devices()[0].device_kind),
+                backend=jax.default_backend(), jax=jax.__version__,
+                max_new_tokens=args.max_new_tokens, date=time.strftime("%Y-%m-%d"))
+    md = write(rows, meta, Path(args.out), args.name or f"profile_{model}_{jax.default_backend()}")
+    print(md.read_text())
+    return 0
