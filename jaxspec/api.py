@@ -29,6 +29,18 @@ from jaxspec.search.beam import beam_search_tokens, check_beam_arguments, early_
 
 @dataclasses.dataclass
 class GenerateOutput:
+    """What `js.generate` returns.
+
+    texts:   the generated text per prompt (prompt not repeated), None without a tokenizer
+    tokens:  int32 [B, max_new_tokens], generated tokens only, padded after each row's end
+    lengths: int32 [B], generated tokens per row (a stop token included when hit)
+    stats:   target_steps, drafted, accepted (per row), mean_accepted (draft tokens accepted per
+             speculative round), acceptance_rate, tokens_per_step, generated_tokens, seconds and
+             tokens_per_s (decoding only), compile_seconds (0 when the program was cached)
+    drafter_state: the drafter's state after the run (e.g. Token Recycling's matrix), to pass
+             back as `drafter_state=`
+    """
+
     texts: list[str] | None
     tokens: np.ndarray      # int32 [B, max_new_tokens]
     lengths: np.ndarray     # int32 [B]
@@ -138,16 +150,39 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64,
              mesh=None, constraint: Constraint | None = None) -> GenerateOutput:
     """Generate continuations of `prompts` (strings, conversations or token-id lists).
 
-    A conversation is a list of {"role", "content"} dicts: the model's chat template is applied
-    with the generation prompt, and its end-of-turn token stops the row.
+        target, draft = js.load_default()
+        out = js.generate(target, ["def fib(n):"], max_new_tokens=32,
+                          drafter=js.DraftModel(draft, num_tokens=3))
+        out.texts, out.tokens, out.lengths, out.stats["tokens_per_s"]
 
-    drafter=None decodes autoregressively; a drafter (js.DraftModel, js.PromptLookup, ...) runs
-    speculative decoding, whose output is exactly what the target alone would produce.
+    model: a js.Model (js.load, js.load_default). prompts: a non-empty list of strings (needs the
+    model's tokenizer), of conversations or of token-id lists. A conversation is a list of
+    {"role", "content"} dicts: the model's chat template is applied with the generation prompt,
+    and its end-of-turn token stops the row.
+    max_new_tokens: tokens to generate per row (a row also stops at an EOS / stop token).
+    sampling: js.Sampling(temperature, top_k, top_p, min_p); default greedy (temperature 0).
+    drafter: None decodes autoregressively; a drafter (js.DraftModel, js.PromptLookup, js.Eagle,
+    js.Medusa, js.TokenRecycling, js.default_drafter(model)) runs speculative decoding, whose
+    output is exactly what the target alone would produce: token for token at temperature 0,
+    in distribution under sampling (docs/acceptance_rules.md).
+    seed: an int; the PRNG seed of sampling (unused when greedy).
+    stop_tokens: extra token ids that end a row (the model's EOS ids always do).
+    drafter_state: a previous run's `out.drafter_state` (e.g. Token Recycling's matrix).
     mesh (js.make_mesh): run sharded; the target is split by jaxspec.sharding.RULES (unless
     already placed on this mesh), the drafter replicated, the prompts split by row on "data".
     constraint (js.Constraint.regex / .json_schema): every row's text is a match (or, cut by
     max_new_tokens, a prefix of one); with a drafter, drafts are pruned to the language and the
     output is exactly constrained autoregressive decoding's.
+
+    Returns a GenerateOutput: texts (generated text only), tokens int32 [B, max_new_tokens]
+    (padded after each row's end), lengths int32 [B], stats (target_steps, drafted, accepted,
+    mean_accepted, acceptance_rate, tokens_per_s, compile_seconds, ...) and drafter_state.
+
+    Bad input (empty or over-long prompts, max_new_tokens < 1, a draft with another tokenizer,
+    invalid sampling values) raises ValueError before any compute. One program is compiled per
+    batch size, prompt-length and max_new_tokens bucket (powers of two) and drafter setting, and
+    reused; `js.speculative.generate_tokens` is the same computation on token arrays, for use
+    inside your own jax.jit.
     """
     sampling = Sampling() if sampling is None else sampling
     if not isinstance(sampling, Sampling):

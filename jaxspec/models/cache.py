@@ -17,6 +17,13 @@ from jaxspec.placement import constrain_cache
 
 @struct.dataclass
 class KVCache:
+    """A preallocated key/value cache of S slots per row, for every layer (a pytree).
+
+    `KVCache.create(config, batch, max_len, dtype)` allocates it. `forward` writes new K/V at
+    slots [lengths, lengths + T) without moving `lengths`; `commit` advances the committed length
+    and `compact` gathers an accepted tree path into consecutive slots (speculative rounds).
+    """
+
     k: jax.Array        # [L, B, S, Hkv, Dh]
     v: jax.Array        # [L, B, S, Hkv, Dh]
     lengths: jax.Array  # [B] int32, committed tokens per row

@@ -23,6 +23,13 @@ ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # of the gated MLP (gpt2 always use
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    """A transformer's architecture: frozen and hashable, so it is static in compiled programs.
+
+    Built from a Hugging Face config.json (`ModelConfig.from_hf_dict`) or GGUF metadata by
+    `js.load`; `family` is one of SUPPORTED_FAMILIES (llama, mistral, qwen2, qwen3, gpt2, gemma2,
+    gemma3 variants). Two models with equal configs share compiled programs.
+    """
+
     family: str
     vocab_size: int
     hidden_size: int

@@ -38,6 +38,15 @@ class DraftModelState:
 
 @struct.dataclass
 class DraftModel:
+    """A small model with the target's tokenizer drafts the tokens (Leviathan et al.; Chen et al.).
+
+    num_tokens=k: a chain of k tokens per round (default 5); num_tokens="auto": an adaptive chain
+    of up to max_tokens, stopped early per row when the draft's own run probability falls below
+    1 - stop_threshold; tree=js.trees.kary(...) / from_paths(...) / dynamic(...): a tree. Drafts
+    are sampled with the target's Sampling; verification is greedy at temperature 0 and the
+    lossless rejection rule otherwise (docs/draft_model.md).
+    """
+
     model: Model
     num_tokens: int | str | None = struct.field(pytree_node=False, default=None)  # None: 5
     max_tokens: int = struct.field(pytree_node=False, default=8)

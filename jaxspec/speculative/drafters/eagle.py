@@ -140,6 +140,16 @@ class EagleState:
 
 @struct.dataclass
 class Eagle:
+    """An EAGLE-style feature drafter: one decoder layer over the target's own hidden states.
+
+    `Eagle.load(dir)` reads a trained drafter (`js.default_drafter(target)` finds the shipped
+    one), `Eagle.create(target)` makes a random one to train (`jaxspec.train.eagle`), and
+    `.with_tree(num_tokens=k)` / `.with_tree(tree=js.trees...)` reshapes the draft. Greedy at
+    temperature 0, `speculative_wor` under sampling: lossless. `sizing` ("auto", a cost model, a
+    {tokens: ms} table or None) lets greedy rounds verify only as many nodes as pay (docs/sizing.md).
+    Tied to the target it was trained for (weight fingerprint). See the module docstring.
+    """
+
     params: dict
     config: ModelConfig = struct.field(pytree_node=False)
     num_tokens: int = struct.field(pytree_node=False, default=5)

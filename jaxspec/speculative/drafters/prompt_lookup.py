@@ -77,6 +77,12 @@ def find_continuations(history: jax.Array, length: jax.Array, ngram: int, count:
 
 @struct.dataclass
 class PromptLookup:
+    """Training-free drafter: propose the `num_tokens` tokens that followed the latest earlier
+    match of the row's last `ngram` (down to 1) tokens in prompt + output. `num_candidates` > 1
+    drafts a tree of the best distinct matches. Deterministic, so lossless; a round where no row
+    matched costs one plain decode step. Pays when the output copies its context.
+    """
+
     ngram: int = struct.field(pytree_node=False, default=3)
     num_tokens: int = struct.field(pytree_node=False, default=8)
     num_candidates: int = struct.field(pytree_node=False, default=1)
