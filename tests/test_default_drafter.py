@@ -117,6 +117,22 @@ def test_a_shipped_drafter_is_found_by_fingerprint(target, tmp_path, monkeypatch
     assert _is_prompt_lookup(js.default_drafter(target.replace(params=params)))
 
 
+def test_shipped_medusa_heads_when_no_eagle(target, tmp_path, monkeypatch):
+    """Medusa heads shipped for the target (and no Eagle) are its default; an Eagle beats them."""
+    shipped = tmp_path / "drafters"
+    monkeypatch.setattr(default, "SHIPPED_DIR", shipped)
+    heads = js.Medusa.create(target, 2, init_std=1.0, key=2, shared_head=True)
+    heads.save(shipped / "tiny-medusa", dtype="float32")
+    found = js.default_drafter(target)
+    assert isinstance(found, js.Medusa) and found.shared_head and found.sizing == "auto"
+    assert default.shipped_drafter(target, "eagle") is None
+    Eagle.create(target, num_tokens=2, key=3).save(shipped / "tiny-eagle", dtype="float32")
+    assert isinstance(js.default_drafter(target), Eagle)
+    assert isinstance(default.shipped_drafter(target, "medusa"), js.Medusa)
+    with pytest.raises(ValueError, match=r"kind must be one of \['eagle', 'medusa'\], got 'lookup'"):
+        default.shipped_drafter(target, "lookup")
+
+
 # -- SmolLM2 with its shipped drafter ------------------------------------------------------------
 
 def _smollm2_drafter_shipped() -> bool:

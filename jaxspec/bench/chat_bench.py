@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 PROMPTS_FILE = Path(__file__).resolve().parent / "prompts" / "specbench_like.jsonl"
@@ -73,6 +72,13 @@ def method_table(target) -> dict:
         methods["eagle_tree"] = drafter.with_tree(tree=js.trees.from_paths(EAGLE_TREE_PATHS))
         for v in (4096, 2048):  # VocabTrim: the v most frequent of the head's tokens
             methods[f"eagle_k3_v{v}"] = trimmed(drafter, v).with_tree(num_tokens=3)
+    from jaxspec.speculative.default import shipped_drafter
+
+    medusa = shipped_drafter(target, "medusa")
+    if medusa is not None:
+        methods["medusa_tree"] = medusa
+        methods["medusa_k2"] = medusa.with_tree(num_tokens=2)
+        methods["medusa_tree_fixed"] = medusa.replace(sizing=None)
     return methods
 
 
@@ -94,8 +100,12 @@ EAGLE_TREE_PATHS = [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 0, 0),
                     (0, 0, 0, 0, 0)]
 
 
-def run(target, methods, prompts, max_new_tokens: int, progress=None) -> dict:
-    """Per method and prompt: tokens, seconds, stats (interleaved by prompt)."""
+def run(target, methods, prompts, max_new_tokens: int, progress=None, batch: int = 1) -> dict:
+    """Per method and prompt: tokens, seconds, stats (interleaved by prompt). batch > 1: groups
+    of `batch` consecutive prompts decoded together (ragged), one row per group (category
+    "batch{B}"), each group's tokens compared row by row with autoregressive's."""
+    if batch > 1:
+        return _run_batched(target, methods, prompts, max_new_tokens, progress, batch)
     import jaxspec as js
 
     from jaxspec.chat import encode_conversation
@@ -126,6 +136,41 @@ def run(target, methods, prompts, max_new_tokens: int, progress=None) -> dict:
     return rows
 
 
+def _run_batched(target, methods, prompts, max_new_tokens, progress, batch):
+    import jaxspec as js
+
+    rows = {name: [] for name in methods}
+    warmed = set()
+    for g in range(0, len(prompts), batch):
+        group = [conv for _, _, conv in prompts[g:g + batch]]
+        base = None
+        for name, drafter in methods.items():
+            if (name, len(group)) not in warmed:
+                js.generate(target, group, max_new_tokens, drafter=drafter)
+                warmed.add((name, len(group)))
+            out = js.generate(target, group, max_new_tokens, drafter=drafter)
+            tokens = [out.tokens[i, :out.lengths[i]].tolist() for i in range(len(group))]
+            if name == "autoregressive":
+                base = tokens
+            rows[name].append(dict(id=f"group-{g // batch + 1}", category=f"batch{batch}",
+                                   tokens=int(out.lengths.sum()), seconds=out.stats["seconds"],
+                                   rounds=int(np.max(out.stats["target_steps"])) - 1,
+                                   accepted=int(np.sum(out.stats["accepted"])) / len(group),
+                                   by_position=(np.asarray(out.stats["accepted_by_position"]).sum(0)
+                                                / len(group)).tolist(),
+                                   identical=tokens == base))
+            if progress is not None:
+                progress()
+    return rows
+
+
+def _in_category(row: dict, category: str) -> bool:
+    """"chat" gathers the six Spec-Bench-like categories (not code, not batch groups)."""
+    if category == "chat":
+        return row["category"] != "code" and not row["category"].startswith("batch")
+    return row["category"] == category
+
+
 def summarise(rows: dict) -> dict:
     """Per method: per category and overall tokens/s, speedup, mean accepted."""
     categories = sorted({r["category"] for r in rows["autoregressive"]})
@@ -142,8 +187,8 @@ def summarise(rows: dict) -> dict:
     for name, items in rows.items():
         entry = {"overall": agg(items), "identical": all(r["identical"] for r in items)}
         for c in categories + ["chat"]:
-            pick = [r for r in items if (r["category"] == c or (c == "chat" and r["category"] != "code"))]
-            ref = [r for r in base if (r["category"] == c or (c == "chat" and r["category"] != "code"))]
+            pick = [r for r in items if _in_category(r, c)]
+            ref = [r for r in base if _in_category(r, c)]
             if pick:
                 entry[c] = agg(pick)
                 entry[c]["speedup"] = entry[c]["tokens_per_s"] / agg(ref)["tokens_per_s"]
@@ -208,7 +253,7 @@ def write(summary: dict, curve: dict, hf: dict | None, meta: dict, out_dir: Path
     (out_dir / f"{name}.json").write_text(json.dumps(
         {"meta": meta, "cost_curve_ms": curve, "methods": summary, "hf": hf}, indent=1))
     cats = [c for c in ("conversation", "translation", "summarization", "qa", "math", "rag", "chat",
-                        "code") if c in summary["autoregressive"]]
+                        "code", f"batch{meta.get('batch', 1)}") if c in summary["autoregressive"]]
     lines = [f"# {meta['model']} on {meta['device']}", "",
              ", ".join(f"{k}: {v}" for k, v in meta.items()), "",
              "Speedup over jaxspec autoregressive (same run, greedy; tokens/s = total tokens / "
@@ -223,7 +268,7 @@ def write(summary: dict, curve: dict, hf: dict | None, meta: dict, out_dir: Path
     for m, e in summary.items():
         if m != "autoregressive":
             lines.append(f"- {m}: {e['acceptance_by_position']}")
-    lines += ["", "Target forward cost, ms for T new tokens (256-token cache, batch 1):", "",
+    lines += ["", f"Target forward cost, ms for T new tokens (256-token cache, batch {meta.get('batch', 1)}):", "",
               "| T | " + " | ".join(str(t) for t in curve) + " |", "|---" * (len(curve) + 1) + "|",
               "| ms | " + " | ".join(f"{v:.1f}" for v in curve.values()) + " |",
               "| x T=1 | " + " | ".join(f"{v / curve[min(curve)]:.2f}" for v in curve.values()) + " |"]
@@ -272,15 +317,17 @@ def main(args) -> int:
             raise ValueError(f"unknown methods {sorted(unknown)}; known for this model: {sorted(methods)}")
         methods = {k: v for k, v in methods.items() if k in wanted}
     prompts = load_prompts()
+    batch = getattr(args, "batch", 1) or 1
     if args.chat_prompts:
         step = max(1, len(prompts) // args.chat_prompts)
         prompts = prompts[::step][:args.chat_prompts]
-    curve = cost_curve(target)
+    curve = cost_curve(target, batch=batch)
     print("cost curve (ms):", {k: round(v, 1) for k, v in curve.items()}, flush=True)
     with Progress() as progress:
-        task = progress.add_task("benchmarking", total=len(prompts) * len(methods))
+        task = progress.add_task("benchmarking",
+                                 total=-(-len(prompts) // batch) * len(methods))
         rows = run(target, methods, prompts, args.max_new_tokens,
-                   progress=lambda: progress.advance(task))
+                   progress=lambda: progress.advance(task), batch=batch)
     summary = summarise(rows)
     hf = None
     if not args.no_hf:
@@ -290,7 +337,7 @@ def main(args) -> int:
                 if jax.default_backend() == "cpu" else str(jax.devices()[0].device_kind),
                 backend=jax.default_backend(), jax=jax.__version__,
                 target_params=target.config.num_params(), prompts=len(prompts),
-                max_new_tokens=args.max_new_tokens, batch=1, temperature=0.0,
+                max_new_tokens=args.max_new_tokens, batch=batch, temperature=0.0,
                 date=time.strftime("%Y-%m-%d"))
     name = args.name or f"bench_{args.model}_{jax.default_backend()}"
     md = write(summary, curve, hf, meta, Path(args.out), name)

@@ -29,12 +29,28 @@ def shipped_drafters() -> list[tuple[Path, dict]]:
     return out
 
 
-def default_drafter(target: Model, dtype: str = "float32"):
-    """The shipped drafter trained for this target (by fingerprint), else js.PromptLookup()."""
-    if not isinstance(target, Model):
-        raise ValueError(f"default_drafter needs a js.Model, got {type(target).__name__}")
+def shipped_drafter(target: Model, kind: str, dtype: str = "float32"):
+    """The shipped drafter of `kind` ("eagle" or "medusa") trained for this target (matched by
+    fingerprint), or None."""
+    from jaxspec.speculative.drafters.medusa import Medusa
+
+    loaders = {"eagle": Eagle.load, "medusa": Medusa.load}
+    if kind not in loaders:
+        raise ValueError(f"kind must be one of {sorted(loaders)}, got {kind!r}")
     mine = fingerprint(target)
     for path, meta in shipped_drafters():
-        if meta.get("target_fingerprint") == mine and meta.get("kind") == "eagle":
-            return Eagle.load(path, dtype=dtype)
+        if meta.get("target_fingerprint") == mine and meta.get("kind") == kind:
+            return loaders[kind](path, dtype=dtype)
+    return None
+
+
+def default_drafter(target: Model, dtype: str = "float32"):
+    """The shipped Eagle drafter trained for this target (by fingerprint), else its shipped
+    Medusa heads, else js.PromptLookup()."""
+    if not isinstance(target, Model):
+        raise ValueError(f"default_drafter needs a js.Model, got {type(target).__name__}")
+    for kind in ("eagle", "medusa"):
+        drafter = shipped_drafter(target, kind, dtype)
+        if drafter is not None:
+            return drafter
     return PromptLookup(ngram=3, num_tokens=8)

@@ -20,6 +20,7 @@ for the distribution test).
 from __future__ import annotations
 
 import dataclasses
+import json
 import functools
 
 import jax
@@ -137,6 +138,8 @@ def test_trained_heads_are_accepted_and_exact(kind, tiny, target, greedy_ref, tr
     random = Medusa.create(target, HEADS, init_std=1.0, key=1)
     if kind == "chain3":
         drafter, random = drafter.with_tree(num_tokens=3), random.with_tree(num_tokens=3)
+    # Whole trees every round (sizing off), so acceptance measures the heads, not the sizing.
+    drafter, random = drafter.replace(sizing=None), random.replace(sizing=None)
     before = COMPILATIONS["speculative"]
     out = js.generate(target, tiny.prompts, max_new_tokens=tiny.max_new, drafter=drafter)
     np.testing.assert_array_equal(out.tokens, greedy_ref.tokens)
@@ -408,6 +411,32 @@ def test_save_load_round_trip(tmp_path, target):
     assert Medusa.load(tmp_path / "bf16", num_tokens=3).tree == js.trees.chain(3)
     assert Medusa.load(tmp_path / "bf16", tree=js.trees.kary(2, 2)).tree == js.trees.kary(2, 2)
     assert Medusa.load(tmp_path / "bf16", rule="typical").rule == "typical"
+
+
+def test_shared_head_keeps_blocks_only_and_stays_exact(tmp_path, tiny, target, greedy_ref):
+    """shared_head=True: no lm_head of its own; bound to the target's rows the logits equal a
+    per-head drafter's (same blocks, rows copied); saved and reloaded without an lm_head; exact."""
+    from jaxspec.speculative.drafters.medusa import head_logits
+
+    shared = Medusa.create(target, 3, head_tokens=TRIM_IDS, init_std=1.0, key=3, shared_head=True)
+    own = Medusa.create(target, 3, head_tokens=TRIM_IDS, init_std=1.0, key=3)
+    assert shared.shared_head and not own.shared_head and "lm_head" not in shared.params
+    h = jax.random.normal(jax.random.PRNGKey(1), (4, 32))
+    np.testing.assert_allclose(head_logits(shared.bind(target)._head_params(), h),
+                               head_logits(own.params, h), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"share the target's LM head: bind\(target\) first"):
+        shared._head_params()
+    shared.save(tmp_path / "shared", dtype="float32")
+    loaded = Medusa.load(tmp_path / "shared")
+    assert loaded.shared_head and json.loads((tmp_path / "shared/config.json").read_text())["shared_head"]
+    out = js.generate(target, tiny.prompts, max_new_tokens=tiny.max_new, drafter=loaded)
+    np.testing.assert_array_equal(out.tokens, greedy_ref.tokens)
+    np.testing.assert_array_equal(out.lengths, greedy_ref.lengths)
+
+
+def test_refuses_a_bad_sizing(target):
+    with pytest.raises(ValueError, match="sizing must be 'auto', None, a jaxspec.speculative"):
+        Medusa.create(target, 2).replace(sizing="fast")
 
 
 def test_with_tree_and_defaults(target):

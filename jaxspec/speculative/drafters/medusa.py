@@ -22,6 +22,13 @@ is lossless ("greedy" at temperature 0, the multi-draft "speculative" rule other
 own typical acceptance (rule="typical") is available as an option; it is LOSSY at temperature
 > 0 (it equals greedy at temperature 0).
 
+With shared_head=True the heads keep no LM head of their own: all K read the target's frozen LM-head
+rows of the head tokens, attached per program by `bind(target)` (as Eagle's are), so a trained
+set is only K residual blocks (about 2 MB in bfloat16 for SmolLM2-135M).
+
+Per-node confidence is head d's probability of the node's token; with `sizing` (default "auto",
+as for Eagle) the loop verifies only the prefix of the choice tree that pays (costs.py).
+
 `Medusa.create(target, num_heads)` makes fresh heads (identity blocks), `Medusa.load(path)` reads
 trained ones (safetensors + config.json, kind "medusa"); training is in jaxspec/train/medusa.py.
 `check_compatible` refuses another target by hidden size, vocabulary or weight fingerprint.
@@ -98,11 +105,15 @@ def head_states(params: dict, h, heads=None):
 
 
 def head_logits(params: dict, h, heads=None):
-    """Logits over the V' head tokens. h: [..., D] -> [..., K, V'] float32."""
-    lm = params["lm_head"]                                                          # [K, V', D]
+    """Logits over the V' head tokens. h: [..., D] -> [..., K, V'] float32. params["lm_head"]
+    is per head [K, V', D] or shared by every head [V', D]."""
+    lm = params["lm_head"]                                                  # [K, V', D] | [V', D]
+    states = head_states(params, h, heads)                                  # [..., K, D]
+    if lm.ndim == 2:
+        return jnp.einsum("...KD,VD->...KV", states, lm.astype(jnp.float32))
     if heads is not None:
         lm = lm[np.asarray(heads)]
-    return jnp.einsum("...KD,KVD->...KV", head_states(params, h, heads), lm.astype(jnp.float32))
+    return jnp.einsum("...KD,KVD->...KV", states, lm.astype(jnp.float32))
 
 
 @struct.dataclass
@@ -112,16 +123,37 @@ class MedusaState:
 
 @struct.dataclass
 class Medusa:
+    """Medusa-1 heads on the target's final hidden state: head k predicts the token at depth k.
+
+    `Medusa.create(target, num_heads)` makes identity heads (they predict what the target does),
+    `jaxspec.train.medusa.train` trains them, `Medusa.load(dir)` reads trained ones. Candidates are
+    the heads' top-k along a static choice tree (`tree`, or a chain of `num_tokens`). `rule`:
+    "speculative" (default, lossless) or "typical" (Medusa's typical acceptance, LOSSY at
+    temperature > 0). See the module docstring.
+    """
+
     params: dict
     config: MedusaConfig = struct.field(pytree_node=False)
     num_tokens: int | None = struct.field(pytree_node=False, default=None)
     tree: TreeSpec | None = struct.field(pytree_node=False, default=None)
     target_fingerprint: str | None = struct.field(pytree_node=False, default=None)
     rule: str = struct.field(pytree_node=False, default="speculative")
+    # Per-round verify size: "auto" (the target's measured cost curve, cached), a
+    # costs.CostModel or {new tokens: ms} table, or None (always verify the whole tree).
+    sizing: object = struct.field(pytree_node=False, default="auto")
+    # {"lm_head": [V', D]}: the target's LM-head rows, for shared-head drafters (see bind).
+    bound: dict | None = None
 
     uses_target_hidden = True
 
     def __post_init__(self):
+        from jaxspec.speculative.costs import CostModel
+
+        if isinstance(self.sizing, dict):
+            object.__setattr__(self, "sizing", CostModel.from_table(self.sizing))
+        elif not (self.sizing is None or self.sizing == "auto" or isinstance(self.sizing, CostModel)):
+            raise ValueError(f"sizing must be 'auto', None, a jaxspec.speculative.costs.CostModel or "
+                             f"a {{new tokens: ms}} dict, got {self.sizing!r}")
         k = self.config.num_heads
         if self.tree is None:
             if self.num_tokens is None:
@@ -150,8 +182,9 @@ class Medusa:
     @classmethod
     def create(cls, target: Model, num_heads: int = 4, tree: TreeSpec | None = None,
                num_tokens: int | None = None, head_tokens=None, key=0, init_std: float = 0.0,
-               rule: str = "speculative", dtype=jnp.float32) -> "Medusa":
-        """Fresh heads for `target`: identity blocks (init_std 0) and the target's LM head rows.
+               rule: str = "speculative", dtype=jnp.float32, shared_head: bool = False) -> "Medusa":
+        """Fresh heads for `target`: identity blocks (init_std 0) and the target's LM head rows
+        (per head, trainable; with shared_head=True none are kept: bound from the target).
 
         head_tokens: None (all V ids), an int V' (the first V' ids) or a sequence of token ids
         (VocabTrim, e.g. jaxspec.train.eagle.head_token_ids). key seeds W when init_std > 0."""
@@ -174,8 +207,10 @@ class Medusa:
         key = jax.random.PRNGKey(key) if isinstance(key, int) else key
         config = MedusaConfig(hidden_size=target.config.hidden_size, vocab_size=v,
                               num_heads=num_heads)
-        return cls(params=init_params(target, num_heads, head_ids, key, init_std, dtype),
-                   config=config, num_tokens=num_tokens, tree=tree,
+        params = init_params(target, num_heads, head_ids, key, init_std, dtype)
+        if shared_head:
+            params.pop("lm_head")
+        return cls(params=params, config=config, num_tokens=num_tokens, tree=tree,
                    target_fingerprint=fingerprint(target), rule=rule)
 
     def with_tree(self, num_tokens: int | None = None, tree: TreeSpec | None = None,
@@ -185,7 +220,12 @@ class Medusa:
             num_tokens, tree = self.num_tokens, self.tree
         return Medusa(params=self.params, config=self.config, num_tokens=num_tokens, tree=tree,
                       target_fingerprint=self.target_fingerprint,
-                      rule=self.rule if rule is None else rule)
+                      rule=self.rule if rule is None else rule, sizing=self.sizing)
+
+    @property
+    def shared_head(self) -> bool:
+        """True when the heads read the target's LM-head rows (no lm_head of their own)."""
+        return "lm_head" not in self.params
 
     def save(self, path: str | os.PathLike, dtype: str = "bfloat16", extra: dict | None = None):
         """safetensors weights (heads.kernel, heads.bias, lm_head, head_ids) + config.json."""
@@ -204,7 +244,8 @@ class Medusa:
         meta = {"kind": "medusa", "config": dataclasses.asdict(self.config),
                 "head_tokens": int(self.params["head_ids"].shape[0]),
                 "num_tokens": self.num_tokens, "tree_parents": [int(p) for p in self.tree.parents],
-                "rule": self.rule, "target_fingerprint": self.target_fingerprint, **(extra or {})}
+                "rule": self.rule, "target_fingerprint": self.target_fingerprint,
+                "shared_head": self.shared_head, **(extra or {})}
         (path / "config.json").write_text(json.dumps(meta, indent=1))
 
     @classmethod
@@ -236,6 +277,8 @@ class Medusa:
         k, d, v = config.num_heads, config.hidden_size, meta["head_tokens"]
         want = {"heads.kernel": (k, d, d), "heads.bias": (k, d), "lm_head": (k, v, d),
                 "head_ids": (v,)}
+        if meta.get("shared_head", False):   # the target's LM-head rows, bound at run time
+            del want["lm_head"]
         for name, shape in want.items():
             node = params
             for part in name.split("."):
@@ -253,6 +296,22 @@ class Medusa:
                    rule=meta.get("rule", "speculative") if rule is None else rule)
 
     # -- drafter protocol -------------------------------------------------------------------
+    def bind(self, target: Model) -> "Medusa":
+        """Shared-head heads with the target's LM-head rows attached (the loop calls it)."""
+        if not self.shared_head:
+            return self
+        from jaxspec.speculative.drafters.eagle import head_rows
+
+        return self.replace(bound={"lm_head": head_rows(target.params, self.params["head_ids"])})
+
+    def _head_params(self) -> dict:
+        if not self.shared_head:
+            return self.params
+        if self.bound is None:
+            raise ValueError("these Medusa heads share the target's LM head: bind(target) first "
+                             "(js.generate and js.speculative.generate_tokens do)")
+        return dict(self.params, lm_head=self.bound["lm_head"])
+
     def cache_slack(self) -> int:
         return self.tree.max_depth + 1
 
@@ -295,15 +354,22 @@ class Medusa:
         width = int(ranks.max()) + 1
         batch = ctx.length.shape[0]
         rows = jnp.arange(batch)
-        logits = head_logits(self.params, state.pending, heads=tuple(range(depth)))  # [B, Dm, V']
-        _, top = jax.lax.top_k(logits, width)                                        # [B, Dm, W]
+        logits = head_logits(self._head_params(), state.pending,
+                             heads=tuple(range(depth)))                              # [B, Dm, V']
+        top_logit, top = jax.lax.top_k(logits, width)                                # [B, Dm, W]
         picked = self.params["head_ids"][top[:, depths, ranks]]                      # [B, N-1]
+        # Confidence: head d's probability of the node's token (heads are independent, so
+        # this stands in for P(node accepted | parent accepted)).
+        prob = jnp.exp(top_logit - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+        confidence = jnp.concatenate([jnp.ones((batch, 1), jnp.float32),
+                                      prob[:, depths, ranks]], axis=1)                # [B, N]
         root = ctx.history[rows, ctx.length - 1]
         tokens = jnp.concatenate([root[:, None], picked.astype(jnp.int32)], axis=1)  # [B, N]
         valid = jnp.concatenate([jnp.ones((batch, 1), bool),
                                  jnp.broadcast_to(ctx.active[:, None], (batch, n - 1))], axis=1)
         parents = jnp.broadcast_to(jnp.asarray(tree.parents, jnp.int32), (batch, n))
-        return Draft(tokens=tokens, parents=parents, valid=valid, q=None), state
+        return Draft(tokens=tokens, parents=parents, valid=valid, q=None,
+                     confidence=confidence), state
 
     def commit(self, state: MedusaState, ctx: Context, draft: Draft, verdict, target_logits,
                target_hidden=None):
