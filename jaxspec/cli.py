@@ -147,6 +147,8 @@ def cmd_bench(args) -> int:
 def cmd_train(args) -> int:
     if args.recipe == "eagle":
         from jaxspec.train.recipes.eagle import main as recipe_main
+    elif args.recipe == "medusa":
+        from jaxspec.train.recipes.medusa import main as recipe_main
     else:
         from jaxspec.train.recipes.default_pair import main as recipe_main
     return recipe_main(args.rest) or 0
@@ -199,9 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
-    train = sub.add_parser("train", help="train models (`jaxspec train eagle --target NAME`, "
+    train = sub.add_parser("train", help="train models (`jaxspec train eagle|medusa --target NAME`, "
                                          "`jaxspec train default-pair`)")
-    train.add_argument("recipe", choices=["eagle", "default-pair"])
+    train.add_argument("recipe", choices=["eagle", "medusa", "default-pair"])
     train.add_argument("rest", nargs=argparse.REMAINDER)
     train.set_defaults(func=cmd_train)
 

@@ -196,13 +196,15 @@ def document_conversations(count: int = 400, seed: int = 1) -> list[list[dict]]:
 
 # -- self-instruct: the target writes the user requests it is then asked to answer --------------
 
-# Written for this file (none from the held-out benchmark); shown four at a time as the start of
+# Written for this file, none from the held-out benchmark (a test checks; the shipped drafters'
+# requests were drawn while one benchmark QA prompt was still in this list, shown but never
+# answered: see their model cards); shown four at a time as the start of
 # a numbered list that the target continues. A small instruct model does not follow "write a
 # question" meta-instructions, but it continues a list of requests in kind.
 EXAMPLE_REQUESTS = [
     "How can I keep my cat from scratching the sofa?",
     "Write a short speech for my brother's wedding that is funny but kind.",
-    "What is the difference between weather and climate?",
+    "What is the difference between a virus and a bacterium?",
     "I have an interview for a bank job tomorrow. What questions should I prepare for?",
     "My tomato plants have brown spots on the leaves. What could be wrong?",
     "Can you suggest a weekly workout plan for someone who has never exercised?",
@@ -278,6 +280,8 @@ SUMMARY_INSTRUCTIONS = ["Summarize the following text in one or two sentences:",
 def passage_prompts(passages: list[str], count: int, seed: int = 0) -> list[list[dict]]:
     """Summarization, retrieval-augmented QA and translation conversations over `passages`
     (e.g. paragraphs the target wrote for an earlier corpus), deterministic in `seed`."""
+    if not passages:
+        raise ValueError("passage_prompts needs at least one passage")
     rng = random.Random(seed)
     sentences = [s for p in passages for s in re.split(r"(?<=[.!?])\s+", p)
                  if 40 <= len(s) <= 160 and s[0].isupper() and "\n" not in s]
