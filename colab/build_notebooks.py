@@ -662,7 +662,7 @@ print("saved plot:", PLOT_PATH)
     md("""
 **Medusa heads** train on the same features: `jaxspec.train.medusa.MedusaBatches(items,
 num_heads=4)` and `jaxspec.train.medusa.train(js.Medusa.create(target, 4), data, cfg,
-checkpoint_dir=...)` return the trained `js.Medusa` (save / load like Eagle). Medusa's heads
+checkpoint_dir=...)` returns the trained `js.Medusa` and the run's result (save / load like Eagle). Medusa's heads
 read only the target's last hidden state, so they are cheaper per draft but accepted less
 often than Eagle's feature-autoregressive layer.
 
@@ -880,6 +880,7 @@ WORK_DIR = None
     code(INSTALL),
     code('''
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -908,7 +909,9 @@ on `model`, so attention needs no communication. Drafters are replicated.
 for pattern, spec in sharding.RULES:
     print(f"{pattern:70s} {spec}")
 
-target, draft = js.load_default()
+# The single-device reference runs on the mesh's kind of device (a GPU's float32 matmuls round
+# differently from a CPU's, which could flip a near-tie).
+target, draft = jax.device_put(js.load_default(), devices[0])
 placed = js.shard(target, mesh)
 q = placed.params["layers"]["q"]["kernel"]
 print("\\nq kernel", q.shape, "->", q.sharding.spec, "| one device holds", q.addressable_shards[0].data.shape)
@@ -1004,7 +1007,7 @@ if RUN_LAUNCHER:
                "--data", str(DATA), "--model", str(MODEL_AXIS), "--drafter", "draft",
                "--num-tokens", str(NUM_DRAFT_TOKENS), "--max-new-tokens", str(min(MAX_NEW_TOKENS, 32))]
     print(" ".join(command[1:]))
-    run = subprocess.run(command, capture_output=True, text=True, env=dict(__import__("os").environ, JAX_PLATFORMS="cpu"))
+    run = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     print(run.stderr.strip().splitlines()[-1] if run.returncode == 0 else run.stderr[-3000:])
     for line in (work / "results.jsonl").read_text().splitlines()[:2]:
         record = json.loads(line)

@@ -1,8 +1,9 @@
 """Every ```python block of README.md and docs/*.md runs, or says why it cannot here.
 
 Blocks are extracted from the Markdown and executed, each in a fresh namespace (nothing carries
-over from the block before: a block imports what it uses), in worker processes (one for the
-README, one for docs/), with a time limit per block. Tracebacks carry the Markdown file's own
+over from the block before: a block imports what it uses), one after another in one worker
+process (so blocks with the same shapes share jaxspec's compiled programs), with a time limit per
+block. Tracebacks carry the Markdown file's own
 line numbers, and each block is its own test (`test_block[README.md:74]`), so a failure names
 the block.
 
@@ -21,13 +22,12 @@ import os
 import re
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = {"readme": [ROOT / "README.md"], "docs": sorted((ROOT / "docs").glob("*.md"))}
+SOURCES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK_TIMEOUT_S = 300
 KNOWN_NEEDS = ("gpu", "tpu", "network", "package", "files", "devices", "hosts")
 
@@ -39,13 +39,12 @@ _MARKER_FULL = re.compile(r"^\s*(?P<what>[a-z]+(?:\s*,\s*[a-z]+)*)\s*(?:—|\s-\
 def blocks() -> list[dict]:
     """Every ```python block: id "file:line" (line of its first code line), group, code."""
     out = []
-    for group, paths in SOURCES.items():
-        for path in paths:
-            text = path.read_text()
-            for match in _FENCE.finditer(text):
-                line = text.count("\n", 0, match.start(1)) + 1
-                out.append({"id": f"{path.relative_to(ROOT)}:{line}", "group": group,
-                            "line": line, "code": match.group(1)})
+    for path in SOURCES:
+        text = path.read_text()
+        for match in _FENCE.finditer(text):
+            line = text.count("\n", 0, match.start(1)) + 1
+            out.append({"id": f"{path.relative_to(ROOT)}:{line}", "line": line,
+                        "code": match.group(1)})
     return out
 
 
@@ -78,6 +77,8 @@ for block in blocks:
         signal.alarm(0)
     result.update(seconds=round(time.perf_counter() - start, 1), stdout=stdout.getvalue()[-2000:])
     results[block["id"]] = result
+    print(f"{block['id']}: {'ok' if result['ok'] else 'FAILED'} in {result['seconds']}s",
+          file=sys.stderr, flush=True)
     with open(out_path, "w") as f:          # after every block: a crash keeps earlier results
         json.dump(results, f)
 '''
@@ -100,61 +101,48 @@ def marker(code: str):
     return needs, full.group("reason").strip()
 
 
-def _runnable(group: str) -> list[dict]:
+def _runnable() -> list[dict]:
     out = []
     for b in BLOCKS:
         try:
             skip = marker(b["code"]) is not None
         except ValueError:
             skip = True             # reported by its own test
-        if b["group"] == group and not skip:
+        if not skip:
             out.append(b)
     return out
 
 
-def _run_group(group: str, tmp: Path) -> tuple[dict, str]:
-    todo = _runnable(group)
-    if not todo:
-        return {}, ""
-    (tmp / f"{group}.json").write_text(json.dumps(todo))
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """({block id: {ok, seconds, stdout, error}}, the worker's output) for every runnable block."""
+    tmp = tmp_path_factory.mktemp("docs")
+    todo = _runnable()
+    (tmp / "blocks.json").write_text(json.dumps(todo))
     (tmp / "worker.py").write_text(_WORKER)
-    work = tmp / group
+    work = tmp / "cwd"
     work.mkdir()
-    env = dict(os.environ, JAXSPEC_CACHE=str(tmp / f"cache_{group}"), HF_HUB_OFFLINE="1",
+    env = dict(os.environ, JAXSPEC_CACHE=str(tmp / "cache"), HF_HUB_OFFLINE="1",
                MPLBACKEND="Agg", PYTHONPATH=str(ROOT))
     # Compile time dominates these short blocks: skip LLVM's expensive passes (as the sharding
     # tests do). Nothing here asserts a speed.
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
                         " --xla_llvm_disable_expensive_passes=true").strip()
-    result_path = tmp / f"{group}.results.json"
+    result_path = tmp / "results.json"
     try:
-        proc = subprocess.run([sys.executable, str(tmp / "worker.py"), str(tmp / f"{group}.json"),
+        proc = subprocess.run([sys.executable, str(tmp / "worker.py"), str(tmp / "blocks.json"),
                                str(result_path), str(BLOCK_TIMEOUT_S)],
                               cwd=work, env=env, capture_output=True, text=True,
                               timeout=BLOCK_TIMEOUT_S * len(todo) + 60)
         log = proc.stdout[-3000:] + proc.stderr[-3000:]
     except subprocess.TimeoutExpired as e:
         log = f"worker timed out: {e}"
-    results = json.loads(result_path.read_text()) if result_path.exists() else {}
-    return results, log
-
-
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("docs")
-    for group in SOURCES:
-        (tmp / group).mkdir()
-    with ThreadPoolExecutor(len(SOURCES)) as pool:
-        done = dict(zip(SOURCES, pool.map(lambda g: _run_group(g, tmp / g), SOURCES)))
-    merged, logs = {}, {}
-    for group, (res, log) in done.items():
-        merged.update(res)
-        logs[group] = log
-    return merged, logs
+    return (json.loads(result_path.read_text()) if result_path.exists() else {}), log
 
 
 def test_there_are_blocks_to_run():
-    assert len(BLOCKS) >= 6 and len(_runnable("docs")) >= 5
+    assert len(BLOCKS) >= 6
+    assert len([b for b in _runnable() if b["id"].startswith("docs/")]) >= 5
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b["id"] for b in BLOCKS])
@@ -162,10 +150,10 @@ def test_block(block, results):
     needs = marker(block["code"])          # a malformed marker fails here, with the rule
     if needs is not None:
         pytest.skip(f"needs {', '.join(needs[0])}: {needs[1]}")
-    ran, logs = results
+    ran, log = results
     if block["id"] not in ran:
         pytest.fail(f"{block['id']} did not finish (the worker crashed or timed out before "
-                    f"it reported):\n{logs[block['group']]}")
+                    f"it reported):\n{log}")
     result = ran[block["id"]]
     assert result["ok"], f"{block['id']} failed after {result['seconds']}s:\n{result['error']}"
     print(f"{block['id']}: {result['seconds']}s")
