@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     if prepared is None:
         return 0
     train_items, eval_items, seqs = prepared
+    n_sequences = len(train_items) + len(eval_items)
     # VocabTrim: the most frequent tokens the target itself says in its answers.
     head_ids = eagle_train.head_token_ids(
         [(it[0][p:],) for it, (_, p) in zip(train_items, seqs)],
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
                     target_fingerprint=drafter.target_fingerprint)
     evals = result.evals[-1][1] if result.evals else {}
     out = Path(args.out) if args.out else work / "export"
-    card = {"target": args.target, "prompts": len(seqs), "documents": args.documents,
+    card = {"target": args.target, "sequences": n_sequences, "documents": args.documents,
             "train_sequences": len(train_items),
             "train_tokens": int(sum(len(it[0]) for it in train_items)), "steps": result.step,
             "finished": result.finished, "head_tokens": int(len(head_ids)),
