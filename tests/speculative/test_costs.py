@@ -337,7 +337,8 @@ KINDS = {"chain": dict(num_tokens=4), "tree": dict(tree=TREE)}
 
 
 def _eagle(target, kind, sizing, key=1):
-    drafter = Eagle.create(target, key=key, **KINDS[kind])
+    # Every level drafted (stop_below=None), so the counts below are the sizing's alone.
+    drafter = Eagle.create(target, key=key, **KINDS[kind]).replace(stop_below=None)
     n = drafter.tree.num_nodes
     if isinstance(sizing, int):     # verify exactly the first `sizing` nodes every round
         base = _sized_table(n, PLAIN)
@@ -397,6 +398,21 @@ def test_greedy_identical_under_every_sizing(kind, sizing, tiny, target, greedy_
         np.testing.assert_array_equal(again.tokens, ref.tokens)
     else:
         assert measured == []
+
+
+@pytest.mark.parametrize("kind", ["chain", "tree"])
+def test_stop_below_cuts_levels_and_stays_exact(kind, tiny, target, greedy_ref):
+    """Eagle's stop_below: a random drafter's doubtful levels are not drafted (fewer nodes than
+    with stop_below=None), the output is still the target's greedy output."""
+    full = _eagle(target, kind, None)
+    cut = full.replace(stop_below=0.9)
+    out = js.generate(target, tiny.prompts, max_new_tokens=tiny.max_new, drafter=cut)
+    np.testing.assert_array_equal(out.tokens, greedy_ref.tokens)
+    np.testing.assert_array_equal(out.lengths, greedy_ref.lengths)
+    everything = _unsized(target, tiny.prompts, kind)
+    assert 0 < sum(out.stats["drafted"]) < sum(everything.stats["drafted"])
+    with pytest.raises(ValueError, match=r"stop_below must be in \[0, 1\) or None, got 1.5"):
+        full.replace(stop_below=1.5)
 
 
 def _train(target, tiny, steps=80):
