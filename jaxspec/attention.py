@@ -22,7 +22,7 @@ IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret")
 _NEG = -1e30  # finite "minus infinity": a query with nothing visible gives zeros, not NaN
 
 # Backends on which the Pallas kernel has been compiled and checked against the reference on
-# real hardware (benchmarks/gpu_tree_attention.py). "auto" picks Pallas only there: the kernel
+# real hardware (step 2 of benchmarks/device_suite.py). "auto" picks Pallas only there: the kernel
 # lowers for both TPU (Mosaic) and GPU (Triton) in the CPU test suite, but lowering does not run
 # the backend compilers, so an unverified kernel must not become every GPU user's default.
 PALLAS_VERIFIED_BACKENDS: frozenset = frozenset()

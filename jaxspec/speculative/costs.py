@@ -177,14 +177,20 @@ def _cache_file(target, batch: int, sizes) -> Path:
 
 
 def measure(target, batch: int = 1, sizes=(1, 2, 4, 8, 16, 32, 64), repeats: int = 5,
-            cache_len: int = DEFAULT_CACHE_LEN) -> CostModel:
-    """Median forward time (ms) for T new tokens against a cache of cache_len tokens."""
+            cache_len: int = DEFAULT_CACHE_LEN, capacity: int | None = None) -> CostModel:
+    """Median forward time (ms) for T new tokens against a cache of cache_len tokens.
+
+    capacity: the cache's slot count (default cache_len + max(sizes)); pass one fixed value to
+    measure sizes one at a time against the same buffer."""
     from jaxspec.models.cache import KVCache
     from jaxspec.models.transformer import forward, unstack_layers
 
     model = target.replace(tokenizer=None)
     if jax.default_backend() == "cpu" and not isinstance(model.params["layers"], (list, tuple)):
         model = model.replace(params=unstack_layers(model.params))  # as the loops run it
+    if capacity is not None and capacity < cache_len + max(sizes):
+        raise ValueError(f"a cache of {capacity} slots cannot hold {cache_len} committed tokens "
+                         f"and {max(sizes)} new ones")
     ms = []
     for t in sizes:
         def step(model, tokens, cache, t=t):
@@ -192,7 +198,7 @@ def measure(target, batch: int = 1, sizes=(1, 2, 4, 8, 16, 32, 64), repeats: int
             logits, _, cache = forward(model, tokens, cache, positions)
             return logits[:, -1].sum(), cache.k.sum()
 
-        cache = KVCache.create(model.config, batch, cache_len + max(sizes), model.dtype)
+        cache = KVCache.create(model.config, batch, capacity or cache_len + max(sizes), model.dtype)
         cache = cache.replace(lengths=jnp.full((batch,), cache_len, jnp.int32))
         tokens = jnp.ones((batch, t), jnp.int32)
         fn = jax.jit(step)

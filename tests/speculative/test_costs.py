@@ -319,6 +319,14 @@ def test_measure_a_tiny_target(tiny):
     assert all(np.isfinite(m) and 0 < m < 60_000 for m in model.ms), model.ms
 
 
+def test_measure_one_size_at_a_time_against_a_fixed_capacity(tiny):
+    """capacity= keeps one buffer size for every T (the device suite measures T by T)."""
+    model = costs.measure(tiny.make_model(0), sizes=(2,), repeats=1, cache_len=16, capacity=24)
+    assert model.sizes == (2,) and model.ms[0] > 0
+    with pytest.raises(ValueError, match="cannot hold 16 committed tokens and 4 new"):
+        costs.measure(tiny.make_model(0), sizes=(4,), repeats=1, cache_len=16, capacity=19)
+
+
 # -- 4. temperature 0: identical output, whatever the size chosen ------------------------------
 
 def _sized_table(n, ms):
