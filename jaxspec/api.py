@@ -206,19 +206,7 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64,
     for i, ids in enumerate(encoded):
         prompt_tokens[i, :len(ids)] = ids
     prompt_lengths = np.asarray([len(ids) for ids in encoded], np.int32)
-    stops = stop_token_array(model, stop_tokens)
-    conversation_rows = [chat.is_conversation(p) for p in prompts]
-    if any(conversation_rows):  # the template's end of turn stops a conversation's row
-        chat_stops = stop_token_array(model, list(stop_tokens or ())
-                                      + chat.end_of_turn_ids(model.tokenizer))
-        if all(conversation_rows):
-            stops = chat_stops
-        else:                   # per-row stop sets [B, K], padded with -1 (matches nothing)
-            per_row = np.full((batch, len(chat_stops)), -1, np.int32)
-            for i, is_chat in enumerate(conversation_rows):
-                row = chat_stops if is_chat else stops
-                per_row[i, :len(row)] = row
-            stops = per_row
+    stops = _prompt_stop_tokens(model, prompts, stop_tokens)
     if constraint is not None:  # a finished match stops its row
         extra = np.asarray(constraint.stop_tokens, np.int32)  # repeats are harmless
         stops = np.concatenate([stops, np.broadcast_to(extra, stops.shape[:-1] + extra.shape)],

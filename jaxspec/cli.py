@@ -139,7 +139,10 @@ def cmd_chat(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from jaxspec.bench.harness import main as bench_main
+    if args.profile:  # the round profile (jaxspec/bench/profile.py) reuses the harness's prompts
+        from jaxspec.bench.profile import main as bench_main
+    else:
+        from jaxspec.bench.harness import main as bench_main
 
     return bench_main(args)
 

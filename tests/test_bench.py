@@ -42,7 +42,9 @@ def test_bench_profile_splits_a_round(tmp_path):
     args = parser.parse_args(["--profile", "--max-new-tokens", "8",
                               "--methods", "autoregressive,draft_model_k4",
                               "--out", str(tmp_path), "--name", "prof"])
-    assert harness.main(args) == 0
+    from jaxspec.bench import profile
+
+    assert profile.main(args) == 0
     rows = {r["method"]: r for r in json.loads((tmp_path / "prof.json").read_text())["rows"]}
     assert set(rows) == {"autoregressive", "draft_model_k4"}
     spec = rows["draft_model_k4"]

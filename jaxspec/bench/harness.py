@@ -239,9 +239,6 @@ def main(args) -> int:
     import jaxspec as js
     from rich.progress import Progress
 
-    if getattr(args, "profile", False):
-        from jaxspec.bench.profile import main as profile_main
-        return profile_main(args)
     if getattr(args, "model", None):
         from jaxspec.bench.chat_bench import main as chat_main
         return chat_main(args)
