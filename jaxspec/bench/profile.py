@@ -35,20 +35,22 @@ def hlo_instructions(compiled) -> int:
     return len(_INSTRUCTION.findall(compiled.as_text()))
 
 
-def _repeat_ms(step, carry, reps: int) -> float:
-    """ms per application of step(carry) -> carry inside one compiled fori_loop (each iteration
-    depends on the last, so nothing is hoisted out of the loop), minus a one-step loop."""
-    def run(n, carry):
-        return jax.lax.fori_loop(0, n, lambda i, c: step(c), carry)
+def _repeat_ms(step, args, carry, reps: int) -> float:
+    """ms per application of step(args, carry) -> carry inside one compiled fori_loop (each
+    iteration depends on the last, so nothing is hoisted out of the loop), minus a one-step loop.
+    args (models, drafts, contexts) are traced arguments, as in the real program: closed-over
+    arrays would be compile-time constants that XLA folds and lays out for free."""
+    def run(n, args, carry):
+        return jax.lax.fori_loop(0, n, lambda i, c: step(args, c), carry)
 
     jitted = jax.jit(run, static_argnums=0)
     times = {}
     for n in (1, 1 + reps):
-        jax.block_until_ready(jitted(n, carry))
+        jax.block_until_ready(jitted(n, args, carry))
         samples = []
         for _ in range(3):
             start = time.perf_counter()
-            jax.block_until_ready(jitted(n, carry))
+            jax.block_until_ready(jitted(n, args, carry))
             samples.append(time.perf_counter() - start)
         times[n] = statistics.median(samples)
     return max(times[1 + reps] - times[1], 0.0) * 1000 / reps
@@ -91,34 +93,37 @@ def round_parts(target, drafter, prompt_ids: list[int], reps: int = 8) -> dict:
     depth, mask = tree_tables(draft, depth_max, drafter.tree)
     positions = cache.lengths[:, None] + depth
 
-    def draft_step(carry):
+    def draft_step(args, carry):
+        drafter, ctx = args
         dstate, acc = carry
         draft, dstate = drafter.propose(dstate, ctx, sampling, key, vocab)
         return dstate, acc + draft.tokens.sum()
 
-    def target_step(carry):
+    def target_step(args, carry):
+        target, draft, positions, mask = args
         cache, acc = carry
         logits, _, cache = forward(target, draft.tokens, cache, positions, mask)
         return cache, acc + logits[:, -1].sum()
 
-    def verify_step(carry):
+    def verify_step(draft, carry):
         logits, acc = carry
         verdict = verify("greedy", draft, logits, sampling, key, max_depth=depth_max,
                          max_children=drafter.tree.max_children)
         never = (verdict.num_accepted.sum() == -1).astype(logits.dtype)   # keeps the dependency
         return logits + never, acc + verdict.num_accepted.sum()
 
-    def prefill_step(carry):
+    def prefill_step(target, carry):
         cache, acc = carry
         logits, _, cache = prefill(target, tokens, lengths, cache)
         return cache, acc + logits.sum()
 
     zero_i, zero_f = jnp.int32(0), jnp.float32(0)
     node_logits = jax.jit(lambda t, c: forward(t, draft.tokens, c, positions, mask)[0])(target, cache)
-    return dict(draft_ms=_repeat_ms(draft_step, (dstate, zero_i), reps),
-                target_all_ms=_repeat_ms(target_step, (cache, zero_f), reps),
-                verify_ms=_repeat_ms(verify_step, (node_logits, zero_i), reps),
-                prefill_ms=_repeat_ms(prefill_step, (cache, zero_f), 2),
+    return dict(draft_ms=_repeat_ms(draft_step, (drafter, ctx), (dstate, zero_i), reps),
+                target_all_ms=_repeat_ms(target_step, (target, draft, positions, mask),
+                                         (cache, zero_f), reps),
+                verify_ms=_repeat_ms(verify_step, draft, (node_logits, zero_i), reps),
+                prefill_ms=_repeat_ms(prefill_step, target, (cache, zero_f), 2),
                 nodes=n)
 
 
