@@ -98,6 +98,17 @@ class CostModel:
         return {str(s): m for s, m in zip(self.sizes, self.ms)}
 
 
+def checked_sizing(sizing):
+    """A drafter's `sizing` field: "auto", None or a CostModel as given; a {new tokens: ms} dict
+    becomes a CostModel; anything else is refused."""
+    if isinstance(sizing, dict):
+        return CostModel.from_table(sizing)
+    if sizing is None or sizing == "auto" or isinstance(sizing, CostModel):
+        return sizing
+    raise ValueError(f"sizing must be 'auto', None, a jaxspec.speculative.costs.CostModel or "
+                     f"a {{new tokens: ms}} dict, got {sizing!r}")
+
+
 def path_probabilities(confidence, parents, valid, max_depth: int):
     """P(node accepted) [B, N]: the product of confidence [B, N] along each node's path (root 1);
     0 for invalid nodes and their descendants. parents: [B, N] (root -1)."""

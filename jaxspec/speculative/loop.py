@@ -127,7 +127,11 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
                               target_hidden=prompt_hidden)
     else:
         dstate = drafter.init(target, prompt_tokens, prompt_lengths, max_len, drafter_state)
-    sized_by_rate = sizing is not None and not sampling.greedy
+    # Rounds sized by earlier rounds' acceptance rates: every sampled round, and greedy rounds of
+    # drafters without per-node confidences (prompt lookup): both decided before this round's
+    # target logits (and, sampled, before its draw), so exact / lossless (invariant 8).
+    sized_by_rate = sizing is not None and (not sampling.greedy
+                                            or not getattr(drafter, "drafts_confidence", True))
     rate = jnp.full((batch,), costs.RATE_PRIOR, jnp.float32) if sized_by_rate else None  # [B]
     depths_by_size = costs.prefix_depths(sizing, tree) if sized_by_rate else None
     zeros = jnp.zeros((batch,), jnp.int32)
@@ -204,7 +208,14 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
         elif sized_by_rate:
             # Sampled rounds: the size comes from acceptance rates of earlier rounds, so it is
             # fixed before this round's draft is drawn and the rule stays lossless (costs.py).
-            index = costs.choose_size_by_rate(sizing, state["rate"], depths_by_size, active)
+            rate_now = state["rate"]
+            if getattr(drafter, "skips_empty_rounds", False):
+                # A deterministic drafter that drafted nothing for a row this round: that row
+                # commits its one token at any size; no row drafted -> a plain step.
+                rate_now = jnp.where(draft.valid[:, 1], rate_now, 0.0)
+            index = costs.choose_size_by_rate(sizing, rate_now, depths_by_size, active)
+            if getattr(drafter, "skips_empty_rounds", False) and sizing.sizes[0] == 1:
+                index = jnp.where(jnp.any(draft.valid[:, 1] & active), index, 0)
             verified = jnp.asarray(sizing.sizes, jnp.int32)[index]
             target_logits, target_hidden, cache, verdict = jax.lax.switch(
                 index, [functools.partial(score_prefix, size) for size in sizing.sizes], cache)

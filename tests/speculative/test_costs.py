@@ -13,9 +13,10 @@
   that row's draft alone: in one 2000-row batch the choice averages over rows and hides a choice
   that depends on the drawn tokens (which it did: p ~ 1e-14 before the loop sized greedy rounds
   only).
-* PromptLookup.skips_empty_rounds: greedy exactness with and without repeats, a round without a
-  match writes only the root's K/V (a plain step), and a sampled chi-square over rows with and
-  without a match.
+* PromptLookup sizing by past acceptance rates (greedy identity under every table, a pruned
+  doubtful match, the sampled law) and skips_empty_rounds: greedy exactness with and without
+  repeats, a round without a match writes only the root's K/V (a plain step), and a sampled
+  chi-square over rows with and without a match.
 
 Models are the shared tiny ones (conftest.py, vocabulary 32; test_tree_drafters.py, vocabulary
 8). JAXSPEC_CACHE points at a per-test temporary directory (autouse fixture below).
@@ -613,5 +614,73 @@ def test_prompt_lookup_sampled_law():
     pvalue, cells, drafted, accepted = _law_test(target, js.PromptLookup(ngram=2, num_tokens=3))
     print(f"prompt lookup: p={pvalue:.3g} over {cells} cells, rows without drafts "
           f"{(drafted == 0).mean():.2f}, accepted {accepted.mean():.2f}")
+    assert cells >= 20 and (drafted == 0).any() and (drafted > 0).any() and (accepted > 0).any()
+    assert pvalue > 1e-3
+
+
+# -- prompt lookup: sized by its past acceptance rate (greedy and sampled) --------------------
+
+PL_PROMPTS = [[5], [3, 9, 3, 9, 3, 9], [4, 8, 4, 8, 4, 8, 4, 8, 11, 4, 8]]   # two rows match
+
+
+def _lookup(sizing, num_tokens=4):
+    drafter = js.PromptLookup(ngram=2, num_tokens=num_tokens)
+    if sizing in ("plain", "full"):
+        sizing = _sized_table(num_tokens + 1, {"plain": PLAIN, "full": FULL}[sizing])
+    return drafter.replace(sizing=sizing)
+
+
+@pytest.mark.parametrize("sizing", [None, "auto", "plain", "full",
+                                    {1: 1.0, 2: 1.05, 4: 1.4, 5: 1.6}])
+def test_prompt_lookup_greedy_identical_under_every_sizing(sizing, target, _isolated_cost_cache):
+    ref = js.generate(target, PL_PROMPTS, max_new_tokens=16)
+    out = js.generate(target, PL_PROMPTS, max_new_tokens=16, drafter=_lookup(sizing))
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_array_equal(out.lengths, ref.lengths)
+    unsized = js.generate(target, PL_PROMPTS, max_new_tokens=16, drafter=_lookup(None))
+    drafted = np.asarray(out.stats["drafted"])
+    assert sum(unsized.stats["drafted"]) > 0                 # the repetitive rows do match
+    if sizing == "plain":        # size 1 always wins: every round a plain step
+        assert drafted.sum() == 0
+        np.testing.assert_array_equal(out.stats["target_steps"], 16)
+    if sizing in (None, "full"):  # every match verified whole
+        for key in ("drafted", "accepted", "target_steps"):
+            assert out.stats[key] == unsized.stats[key], key
+    assert (drafted <= np.asarray(unsized.stats["drafted"]) + 4 * 16).all()
+
+
+def test_prompt_lookup_sizing_refusal():
+    with pytest.raises(ValueError, match=r"sizing must be 'auto', None, a "
+                                         r"jaxspec.speculative.costs.CostModel or a \{new tokens: "
+                                         r"ms\} dict, got 'fast'"):
+        js.PromptLookup(sizing="fast")
+
+
+def test_prompt_lookup_rate_sizing_prunes_a_doubtful_match(target):
+    """With a cost curve where only a rate above about 0.6 pays for 5 nodes, a row whose matches
+    are accepted about half the time is sized down: fewer drafted tokens verified than unsized
+    (8 against 16 on this seeded target), more target steps, the same output."""
+    table = {1: 1.0, 2: 1.3, 4: 2.0, 5: 2.4}
+    prompts = [list(range(1, 12)) * 2]     # a long repeated run: PL keeps proposing it
+    ref = js.generate(target, prompts, max_new_tokens=16)
+    sized = js.generate(target, prompts, max_new_tokens=16, drafter=_lookup(table))
+    unsized = js.generate(target, prompts, max_new_tokens=16, drafter=_lookup(None))
+    np.testing.assert_array_equal(sized.tokens, ref.tokens)
+    np.testing.assert_array_equal(unsized.tokens, ref.tokens)
+    assert 0.3 < unsized.stats["acceptance_rate"] < 0.8
+    assert 0 < sum(sized.stats["drafted"]) < sum(unsized.stats["drafted"])
+    assert sum(sized.stats["target_steps"]) > sum(unsized.stats["target_steps"])
+
+
+def test_prompt_lookup_rate_sized_sampled_law():
+    """Prompt lookup sized by its rows' past acceptance rates under sampling (sizes (1, 2, 4) at
+    ms (1, 1.45, 1.75)): rows with and without drafts, and the first three tokens keep the
+    target's exact law (seeded chi-square, one run per row)."""
+    target, _ = small_models(SMALL_VOCAB)
+    drafter = js.PromptLookup(ngram=2, num_tokens=3,
+                              sizing=CostModel(sizes=(1, 2, 4), ms=(1.0, 1.45, 1.75)))
+    pvalue, cells, drafted, accepted = _law_test(target, drafter, seed=13)
+    print(f"prompt lookup, rate-sized: p={pvalue:.3g} over {cells} cells, drafted "
+          f"{drafted.mean():.2f}, accepted {accepted.mean():.2f}")
     assert cells >= 20 and (drafted == 0).any() and (drafted > 0).any() and (accepted > 0).any()
     assert pvalue > 1e-3

@@ -49,7 +49,7 @@ from jaxspec.models.cache import KVCache, write_layer
 from jaxspec.models.config import ModelConfig
 from jaxspec.models.transformer import Model, _dense, _mlp, _norm, _qkv
 from jaxspec.sampling import Sampling, processed_logits
-from jaxspec.speculative.costs import CostModel
+from jaxspec.speculative.costs import CostModel, checked_sizing
 from jaxspec.speculative.draft import Context, Draft
 from jaxspec.speculative.trees import TreeSpec, chain
 
@@ -171,11 +171,7 @@ class Eagle:
     uses_target_hidden = True
 
     def __post_init__(self):
-        if isinstance(self.sizing, dict):
-            object.__setattr__(self, "sizing", CostModel.from_table(self.sizing))
-        elif not (self.sizing is None or self.sizing == "auto" or isinstance(self.sizing, CostModel)):
-            raise ValueError(f"sizing must be 'auto', None, a jaxspec.speculative.costs.CostModel or "
-                             f"a {{new tokens: ms}} dict, got {self.sizing!r}")
+        object.__setattr__(self, "sizing", checked_sizing(self.sizing))
         if self.tree is None:
             if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, int) \
                     or not 1 <= self.num_tokens <= 64:

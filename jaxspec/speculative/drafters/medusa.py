@@ -147,13 +147,9 @@ class Medusa:
     uses_target_hidden = True
 
     def __post_init__(self):
-        from jaxspec.speculative.costs import CostModel
+        from jaxspec.speculative.costs import checked_sizing
 
-        if isinstance(self.sizing, dict):
-            object.__setattr__(self, "sizing", CostModel.from_table(self.sizing))
-        elif not (self.sizing is None or self.sizing == "auto" or isinstance(self.sizing, CostModel)):
-            raise ValueError(f"sizing must be 'auto', None, a jaxspec.speculative.costs.CostModel or "
-                             f"a {{new tokens: ms}} dict, got {self.sizing!r}")
+        object.__setattr__(self, "sizing", checked_sizing(self.sizing))
         k = self.config.num_heads
         if self.tree is None:
             if self.num_tokens is None:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxspec.speculative.costs import checked_sizing
 from jaxspec.speculative.draft import Context, Draft
 from jaxspec.speculative.drafters.base import check_num_tokens
 from jaxspec.speculative.trees import DynamicTree, TreeSpec, chain, dynamic
@@ -86,10 +87,16 @@ class PromptLookup:
     ngram: int = struct.field(pytree_node=False, default=3)
     num_tokens: int = struct.field(pytree_node=False, default=8)
     num_candidates: int = struct.field(pytree_node=False, default=1)
+    # Per-round verify size from the target's measured cost curve and this row's past acceptance
+    # rate of matched drafts (a match carries no confidence of its own): "auto" (js.generate
+    # measures the curve once and caches it), a costs.CostModel or a {new tokens: ms} table, or
+    # None (verify the whole match; a round with no match is still a plain step).
+    sizing: object = struct.field(pytree_node=False, default="auto")
 
     # A round where no row found a match verifies the root alone (a plain decode step): the
     # loop's `plain_step` branch. The state ignores the target's logits, so nothing else changes.
     skips_empty_rounds = True
+    drafts_confidence = False   # sized by past acceptance rates, greedy or not (loop.py)
 
     def __post_init__(self):
         if isinstance(self.ngram, bool) or not isinstance(self.ngram, int) or not 1 <= self.ngram <= 16:
@@ -98,6 +105,7 @@ class PromptLookup:
         c = self.num_candidates
         if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 64:
             raise ValueError(f"num_candidates must be an integer in [1, 64], got {c!r}")
+        object.__setattr__(self, "sizing", checked_sizing(self.sizing))
 
     @property
     def tree(self) -> TreeSpec | DynamicTree:
