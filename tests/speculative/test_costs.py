@@ -646,7 +646,6 @@ def test_prompt_lookup_greedy_identical_under_every_sizing(sizing, target, _isol
     if sizing in (None, "full"):  # every match verified whole
         for key in ("drafted", "accepted", "target_steps"):
             assert out.stats[key] == unsized.stats[key], key
-    assert (drafted <= np.asarray(unsized.stats["drafted"]) + 4 * 16).all()
 
 
 def test_prompt_lookup_sizing_refusal():

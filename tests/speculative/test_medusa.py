@@ -374,7 +374,9 @@ def test_typical_rule_at_temperature_above_zero(tiny, target):
     typical one (p above the threshold: an accepted draft or the argmax), which plain sampling
     violates; a lossless rule is not in use."""
     sampling = Sampling(temperature=0.8)
-    drafter = Medusa.create(target, HEADS, init_std=1.0, key=1, rule="typical")
+    # sizing=None: a sized round can be a plain step, which samples from p (not "typical"), and
+    # whether one happens depends on the cost curve measured on the machine running the test.
+    drafter = Medusa.create(target, HEADS, init_std=1.0, key=1, rule="typical").replace(sizing=None)
     out = js.generate(target, tiny.prompts, max_new_tokens=tiny.max_new, drafter=drafter,
                       sampling=sampling, seed=3)
     assert np.all(out.lengths == tiny.max_new)
