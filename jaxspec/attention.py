@@ -6,6 +6,9 @@ row b's T new queries attend to
   * new-token slot lengths[b] + j when mask[b, t, j] is true (the new tokens' K/V are already
     written at slots [lengths[b], lengths[b] + T)).
 `mask=None` means causal among the new tokens (prefill, chains, one-token decode).
+`attention_pending` has the same semantics with the new tokens' K/V passed beside a cache that
+does not hold them yet (the speculative loop's conditional branches, which must not write the
+cache: XLA copies a whole cache buffer that a conditional's branches update).
 With `sliding_window=W` a query at position p also sees only keys at positions > p - W (for the
 layers where `use_window` holds; None = always). With `softcap=c` the scores s become
 c * tanh(s / c) before masking (gemma2).
@@ -90,6 +93,71 @@ def xla_attention(q, k, v, lengths, mask, *, scale, sliding_window=None, query_p
     out = jnp.einsum("BKGTS,BSKD->BTKGD", weights.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)                     # [B, T, K, G, D]
     return out.reshape(batch, t, hq, d).astype(q.dtype)
+
+
+def xla_attention_pending(q, k, v, lengths, new_k, new_v, mask, *, scale, sliding_window=None,
+                          query_positions=None, use_window=None, softcap=None):
+    """Reference attention over committed cache slots plus K/V not yet in the cache.
+
+    q: [B, T, Hq, D]; k, v: [B, S, Hkv, D] (slots >= lengths[b] are ignored); new_k, new_v:
+    [B, T, Hkv, D] the new tokens' own K/V; mask: [B, T, T] among them. One softmax over the
+    scores of both parts (concatenated: [B, K, G, T, S + T]); no copy of the cache.
+    """
+    batch, t, hq, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    groups = hq // hkv
+    committed = jnp.broadcast_to((jnp.arange(s)[None, :] < lengths[:, None])[:, None, :],
+                                 (batch, t, s))                             # [B, T, S]
+    if sliding_window is not None:
+        in_window_c = (query_positions[:, :, None] - jnp.arange(s)[None, None, :]) < sliding_window
+        in_window_n = (query_positions[:, :, None] - query_positions[:, None, :]) < sliding_window
+        if use_window is not None:
+            in_window_c |= jnp.logical_not(use_window)
+            in_window_n |= jnp.logical_not(use_window)
+        committed &= in_window_c
+        mask = mask & in_window_n
+    visible = jnp.concatenate([committed, mask], axis=-1)                    # [B, T, S + T]
+    qg = q.reshape(batch, t, hkv, groups, d)                                 # [B, T, K, G, D]
+    scores = jnp.concatenate(
+        [jnp.einsum("BTKGD,BSKD->BKGTS", qg, k, preferred_element_type=jnp.float32),
+         jnp.einsum("BTKGD,BSKD->BKGTS", qg, new_k.astype(k.dtype),
+                    preferred_element_type=jnp.float32)], axis=-1) * scale  # [B, K, G, T, S + T]
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
+    scores = jnp.where(visible[:, None, None], scores, _NEG)
+    weights = jax.nn.softmax(scores, axis=-1)
+    weights = jnp.where(visible[:, None, None], weights, 0.0).astype(v.dtype)
+    out = (jnp.einsum("BKGTS,BSKD->BTKGD", weights[..., :s], v,
+                      preferred_element_type=jnp.float32)
+           + jnp.einsum("BKGTS,BSKD->BTKGD", weights[..., s:], new_v.astype(v.dtype),
+                        preferred_element_type=jnp.float32))                # [B, T, K, G, D]
+    return out.reshape(batch, t, hq, d).astype(q.dtype)
+
+
+def attention_pending(q, k, v, lengths, new_k, new_v, mask=None, *, scale, impl="auto",
+                      sliding_window=None, query_positions=None, use_window=None, softcap=None):
+    """`attention` for new tokens whose K/V [B, T, Hkv, D] are not written into k, v yet.
+
+    The XLA implementation scores the cache and the new tokens separately (no cache copy). The
+    Pallas kernel reads the new K/V from the cache buffer, so it gets a per-layer copy with them
+    written in (correct, and one layer's buffer rather than the whole cache).
+    """
+    batch, t = q.shape[:2]
+    if mask is None:
+        mask = causal_mask(batch, t)
+    if isinstance(use_window, (bool, np.bool_)):   # a static layer kind
+        sliding_window, use_window = (sliding_window if use_window else None), None
+    if sliding_window is None:
+        use_window = None
+    if resolve_impl(impl) == "xla" or sliding_window is not None or softcap is not None:
+        return xla_attention_pending(q, k, v, lengths, new_k, new_v, mask, scale=scale,
+                                     sliding_window=sliding_window, query_positions=query_positions,
+                                     use_window=use_window, softcap=softcap)
+    rows = jnp.arange(batch)[:, None]
+    slots = lengths[:, None] + jnp.arange(t)[None, :]                        # [B, T]
+    k = k.at[rows, slots].set(new_k.astype(k.dtype), mode="drop")
+    v = v.at[rows, slots].set(new_v.astype(v.dtype), mode="drop")
+    return attention(q, k, v, lengths, mask, scale=scale, impl=impl, query_positions=query_positions)
 
 
 def attention(q, k, v, lengths, mask=None, *, scale, impl="auto", sliding_window=None,

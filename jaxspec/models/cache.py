@@ -55,6 +55,17 @@ def write_layer(cache_k: jax.Array, cache_v: jax.Array, layer: jax.Array | int,
     return cache_k, cache_v
 
 
+def write_new(cache: KVCache, new_k: jax.Array, new_v: jax.Array) -> KVCache:
+    """Write every layer's new K/V [L, B, T, Hkv, Dh] (from `forward_pending`) at slots
+    [len, len + T) of each row; writes past the end of the buffer are dropped."""
+    batch, t = new_k.shape[1:3]
+    rows = jnp.arange(batch)[:, None]                                    # [B, 1]
+    slots = cache.lengths[:, None] + jnp.arange(t)[None, :]              # [B, T]
+    k = cache.k.at[:, rows, slots].set(new_k.astype(cache.k.dtype), mode="drop")
+    v = cache.v.at[:, rows, slots].set(new_v.astype(cache.v.dtype), mode="drop")
+    return cache.replace(k=k, v=v)
+
+
 def commit(cache: KVCache, num_tokens: jax.Array) -> KVCache:
     """Advance each row's length by num_tokens [B] (the K/V must already be in place)."""
     return cache.replace(lengths=cache.lengths + num_tokens.astype(jnp.int32))

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxspec.attention import attention
+from jaxspec.attention import attention, attention_pending
 from jaxspec.models.cache import KVCache, write_layer
 from jaxspec.models.config import ModelConfig, rope_inverse_frequencies
 
@@ -174,41 +174,79 @@ def forward(model: Model, tokens: jax.Array, cache: KVCache, positions: jax.Arra
     (None = causal). The new K/V are written at slots [len, len + T) of each row; `len` is not
     advanced (see `cache.commit`). Returns (logits [B, T, V] f32, hidden [B, T, D], cache).
     """
+    logits, hidden, (k, v) = _decode(model, tokens, cache, positions, mask, pending=False)
+    return logits, hidden, cache.replace(k=k, v=v)
+
+
+def forward_pending(model: Model, tokens: jax.Array, cache: KVCache, positions: jax.Array,
+                    mask: jax.Array | None = None):
+    """`forward` that leaves the cache untouched and returns the new tokens' K/V instead.
+
+    Same arguments and the same logits as `forward` (up to float rounding: the new tokens'
+    scores are computed beside the cache's, see `attention.attention_pending`). Returns
+    (logits [B, T, V] f32, hidden [B, T, D], new_k [L, B, T, Hkv, Dh], new_v); write them with
+    `cache.write_new`. For branches of a conditional: a branch that wrote the cache would make
+    XLA copy the whole cache buffer every time the conditional runs.
+    """
+    logits, hidden, (new_k, new_v) = _decode(model, tokens, cache, positions, mask, pending=True)
+    return logits, hidden, new_k, new_v
+
+
+def _decode(model: Model, tokens, cache: KVCache, positions, mask, *, pending: bool):
+    """The layers of `forward` (pending=False: returns the written cache k, v [L, B, S, Hkv, Dh])
+    and `forward_pending` (pending=True: returns the new k, v [L, B, T, Hkv, Dh])."""
     config, params = model.config, model.params
     x = _embed(params, tokens, positions, config)
     inv_freqs, use_windows = _layer_inputs(config)           # [L, Dh/2] | None, [L] | None
     window = config.sliding_window if any(config.sliding_layers) else None
+    attn_args = dict(scale=config.attn_scale, impl=model.attn_impl, sliding_window=window,
+                     query_positions=positions, softcap=config.attn_logit_softcap)
 
     def layer(carry, inputs):
         x, cache_k, cache_v = carry
         lp, index, inv_freq, use_window = inputs
+        new = []
 
         def attend(h):
             nonlocal cache_k, cache_v
             q, k, v = _qkv(h, lp, positions, config, inv_freq)
-            cache_k, cache_v = write_layer(cache_k, cache_v, index, k, v, cache.lengths)
-            layer_k = jax.lax.dynamic_index_in_dim(cache_k, index, 0, keepdims=False)  # [B, S, Hkv, Dh]
-            layer_v = jax.lax.dynamic_index_in_dim(cache_v, index, 0, keepdims=False)
-            out = attention(q, layer_k, layer_v, cache.lengths, mask, scale=config.attn_scale,
-                            impl=model.attn_impl, sliding_window=window, query_positions=positions,
-                            use_window=use_window, softcap=config.attn_logit_softcap)  # [B, T, Hq, Dh]
+            if pending:
+                new.extend((k, v))
+            else:
+                cache_k, cache_v = write_layer(cache_k, cache_v, index, k, v, cache.lengths)
+            source_k, source_v = (cache.k, cache.v) if pending else (cache_k, cache_v)
+            layer_k = jax.lax.dynamic_index_in_dim(source_k, index, 0, keepdims=False)  # [B, S, Hkv, Dh]
+            layer_v = jax.lax.dynamic_index_in_dim(source_v, index, 0, keepdims=False)
+            if pending:
+                out = attention_pending(q, layer_k, layer_v, cache.lengths, k, v, mask,
+                                        use_window=use_window, **attn_args)   # [B, T, Hq, Dh]
+            else:
+                out = attention(q, layer_k, layer_v, cache.lengths, mask, use_window=use_window,
+                                **attn_args)
             return out.reshape(*out.shape[:2], -1)
 
         x = _block(x, lp, config, attend)
-        return (x, cache_k, cache_v), None
+        return (x, cache_k, cache_v), (tuple(new) if pending else None)
 
+    # pending: the cache is read where it lies (closed over), not carried through the layers
+    start = (x, None, None) if pending else (x, cache.k, cache.v)
     if isinstance(params["layers"], (list, tuple)):   # unstacked: see unstack_layers
-        carry = (x, cache.k, cache.v)
+        carry, news = start, []
         for index, lp in enumerate(params["layers"]):
-            carry, _ = layer(carry, (lp, index, None if inv_freqs is None else inv_freqs[index],
-                                     None if use_windows is None else bool(use_windows[index])))
+            carry, new = layer(carry, (lp, index, None if inv_freqs is None else inv_freqs[index],
+                                       None if use_windows is None else bool(use_windows[index])))
+            news.append(new)
         x, k, v = carry
+        if pending:
+            k, v = (jnp.stack([n[i] for n in news]) for i in (0, 1))
     else:
         layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
-        (x, k, v), _ = jax.lax.scan(layer, (x, cache.k, cache.v),
-                                    (params["layers"], layer_ids, inv_freqs, use_windows))
+        (x, k, v), new = jax.lax.scan(layer, start,
+                                      (params["layers"], layer_ids, inv_freqs, use_windows))
+        if pending:
+            k, v = new
     logits, hidden = _unembed(params, x, config)
-    return logits, hidden, cache.replace(k=k, v=v)
+    return logits, hidden, (k, v)
 
 
 def unstack_layers(params):

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from jaxspec import constraints
 from jaxspec.autoregressive import autoregressive_tokens
 from jaxspec.decoding import TokenOutput, prefill, stop_mask
-from jaxspec.models.cache import KVCache, commit, compact
-from jaxspec.models.transformer import Model, forward, unstack_layers
+from jaxspec.models.cache import KVCache, commit, compact, write_new
+from jaxspec.models.transformer import Model, forward_pending, unstack_layers
 from jaxspec.placement import constrain_batch
 from jaxspec.sampling import Sampling, probabilities, sample
 from jaxspec.speculative import costs
@@ -161,37 +161,47 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
         depth, mask = tree_tables(draft, depth_max, tree)
         positions = cache.lengths[:, None] + depth                                 # [B, N]
 
-        def score(cache):
-            logits, hidden, cache = forward(target, draft.tokens, cache, positions, mask)
+        # Each way of scoring returns the new K/V instead of writing them (forward_pending): they
+        # are branches of a conditional, and a branch that wrote the cache would make XLA copy
+        # the whole cache buffer per round. The K/V are written once, after the conditional.
+        def padded(size, logits, hidden, new_k, new_v, verdict):
+            """Outputs of a `size`-node forward padded to the draft's n nodes."""
+            pad = lambda a, axis: jnp.pad(a, [(0, n - size if i == axis else 0)
+                                              for i in range(a.ndim)])
+            return pad(logits, 1), pad(hidden, 1), pad(new_k, 2), pad(new_v, 2), verdict
+
+        def score():
+            logits, hidden, new_k, new_v = forward_pending(target, draft.tokens, cache, positions,
+                                                           mask)
             verdict = verify(rule, draft, constrained(logits), sampling, verify_key,
                              max_depth=depth_max, max_children=max_children)
-            return logits, hidden, cache, verdict
+            return logits, hidden, new_k, new_v, verdict
 
-        def plain_step(cache):
+        def plain_step():
             """No row drafted anything: score the root alone, at a plain decode step's cost."""
-            logits, hidden, cache = forward(target, draft.tokens[:, :1], cache, positions[:, :1])
+            logits, hidden, new_k, new_v = forward_pending(target, draft.tokens[:, :1], cache,
+                                                           positions[:, :1])
             verdict = Verdict(path=jnp.zeros((batch, depth_max + 1), jnp.int32),
                               num_accepted=jnp.zeros((batch,), jnp.int32),
                               next_token=sample(verify_key, constrained(logits)[:, 0], sampling))
-            pad = [(0, 0), (0, n - 1), (0, 0)]
-            return jnp.pad(logits, pad), jnp.pad(hidden, pad), cache, verdict
+            return padded(1, logits, hidden, new_k, new_v, verdict)
 
-        def score_prefix(size, cache):
+        def score_prefix(size):
             """Verify only the first `size` nodes (a prefix of a tree is a tree)."""
             if size >= n:
-                return score(cache)
+                return score()
             if size == 1:
-                return plain_step(cache)
+                return plain_step()
             sub = Draft(tokens=draft.tokens[:, :size], parents=draft.parents[:, :size],
                         valid=draft.valid[:, :size], q=None if draft.q is None else draft.q[:, :size])
-            logits, hidden, cache = forward(target, sub.tokens, cache, positions[:, :size],
-                                            mask[:, :size, :size])
+            logits, hidden, new_k, new_v = forward_pending(target, sub.tokens, cache,
+                                                           positions[:, :size],
+                                                           mask[:, :size, :size])
             sub_depth = int(tree.depths[:size].max()) if isinstance(tree, TreeSpec) else depth_max
             verdict = verify(rule, sub, constrained(logits), sampling, verify_key,
                              max_depth=sub_depth, max_children=max_children)
-            pad = [(0, 0), (0, n - size), (0, 0)]
             verdict = verdict.replace(path=jnp.pad(verdict.path, [(0, 0), (0, depth_max - sub_depth)]))
-            return jnp.pad(logits, pad), jnp.pad(hidden, pad), cache, verdict
+            return padded(size, logits, hidden, new_k, new_v, verdict)
 
         verified = jnp.full((), n, jnp.int32)                  # nodes scored this round
         if sizing is not None and draft.confidence is not None and sampling.greedy:
@@ -203,8 +213,8 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
             index = choose_size(sizing, draft.confidence, draft.parents, draft.valid, active,
                                 depth_max)
             verified = jnp.asarray(sizing.sizes, jnp.int32)[index]
-            target_logits, target_hidden, cache, verdict = jax.lax.switch(
-                index, [functools.partial(score_prefix, size) for size in sizing.sizes], cache)
+            scored = jax.lax.switch(
+                index, [functools.partial(score_prefix, size) for size in sizing.sizes])
         elif sized_by_rate:
             # Sampled rounds: the size comes from acceptance rates of earlier rounds, so it is
             # fixed before this round's draft is drawn and the rule stays lossless (costs.py).
@@ -217,16 +227,17 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
             if getattr(drafter, "skips_empty_rounds", False) and sizing.sizes[0] == 1:
                 index = jnp.where(jnp.any(draft.valid[:, 1] & active), index, 0)
             verified = jnp.asarray(sizing.sizes, jnp.int32)[index]
-            target_logits, target_hidden, cache, verdict = jax.lax.switch(
-                index, [functools.partial(score_prefix, size) for size in sizing.sizes], cache)
+            scored = jax.lax.switch(
+                index, [functools.partial(score_prefix, size) for size in sizing.sizes])
         elif getattr(drafter, "skips_empty_rounds", False):
             # Chosen from draft-side values only (before any target logits are seen), so the
             # lossless rules stay lossless; a round with no draft costs what a plain step costs.
             drafted_any = jnp.any(draft.valid[:, 1:] & active[:, None])
-            target_logits, target_hidden, cache, verdict = jax.lax.cond(
-                drafted_any, score, plain_step, cache)
+            scored = jax.lax.cond(drafted_any, score, plain_step)
         else:
-            target_logits, target_hidden, cache, verdict = score(cache)
+            scored = score()
+        target_logits, target_hidden, new_k, new_v, verdict = scored
+        cache = write_new(cache, new_k, new_v)          # slots [len, len + n); len does not move
         accepted = verdict.num_accepted                                            # [B]
         # Emitted tokens: the accepted path's tokens (after the root), then the next token.
         path_tokens = jnp.take_along_axis(draft.tokens, verdict.path, axis=1)      # [B, D+1]
