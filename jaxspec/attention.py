@@ -95,6 +95,18 @@ def xla_attention(q, k, v, lengths, mask, *, scale, sliding_window=None, query_p
     return out.reshape(batch, t, hq, d).astype(q.dtype)
 
 
+def _resolved_options(batch, t, mask, sliding_window, use_window):
+    """The mask (None -> causal [B, T, T]) and the window options with a static layer kind folded
+    in: a Python-bool use_window picks the window or none; no window -> use_window None."""
+    if mask is None:
+        mask = causal_mask(batch, t)
+    if isinstance(use_window, (bool, np.bool_)):   # a static layer kind
+        sliding_window, use_window = (sliding_window if use_window else None), None
+    if sliding_window is None:
+        use_window = None
+    return mask, sliding_window, use_window
+
+
 def xla_attention_pending(q, k, v, lengths, new_k, new_v, mask, *, scale, sliding_window=None,
                           query_positions=None, use_window=None, softcap=None):
     """Reference attention over committed cache slots plus K/V not yet in the cache.
@@ -143,12 +155,7 @@ def attention_pending(q, k, v, lengths, new_k, new_v, mask=None, *, scale, impl=
     written in (correct, and one layer's buffer rather than the whole cache).
     """
     batch, t = q.shape[:2]
-    if mask is None:
-        mask = causal_mask(batch, t)
-    if isinstance(use_window, (bool, np.bool_)):   # a static layer kind
-        sliding_window, use_window = (sliding_window if use_window else None), None
-    if sliding_window is None:
-        use_window = None
+    mask, sliding_window, use_window = _resolved_options(batch, t, mask, sliding_window, use_window)
     if resolve_impl(impl) == "xla" or sliding_window is not None or softcap is not None:
         return xla_attention_pending(q, k, v, lengths, new_k, new_v, mask, scale=scale,
                                      sliding_window=sliding_window, query_positions=query_positions,
@@ -169,12 +176,7 @@ def attention(q, k, v, lengths, mask=None, *, scale, impl="auto", sliding_window
     Returns [B, T, Hq, D] in q's dtype.
     """
     batch, t = q.shape[:2]
-    if mask is None:
-        mask = causal_mask(batch, t)
-    if isinstance(use_window, (bool, np.bool_)):   # a static layer kind
-        sliding_window, use_window = (sliding_window if use_window else None), None
-    if sliding_window is None:
-        use_window = None
+    mask, sliding_window, use_window = _resolved_options(batch, t, mask, sliding_window, use_window)
     impl = resolve_impl(impl)
     if impl == "xla" or sliding_window is not None or softcap is not None:  # Pallas: neither
         return xla_attention(q, k, v, lengths, mask, scale=scale, sliding_window=sliding_window,
