@@ -68,6 +68,7 @@ def method_table(target) -> dict:
     if isinstance(drafter, js.Eagle):
         for k in (2, 3, 5):
             methods[f"eagle_k{k}"] = drafter.with_tree(num_tokens=k)
+        methods["eagle_k2_raw"] = drafter.with_tree(num_tokens=2).replace(calibrated=False)
         methods["eagle_k3_fixed"] = drafter.with_tree(num_tokens=3, sizing=None)
         methods["eagle_tree"] = drafter.with_tree(tree=js.trees.from_paths(EAGLE_TREE_PATHS))
         for v in (4096, 2048):  # VocabTrim: the v most frequent of the head's tokens
@@ -78,6 +79,7 @@ def method_table(target) -> dict:
     if medusa is not None:
         methods["medusa_tree"] = medusa
         methods["medusa_k2"] = medusa.with_tree(num_tokens=2)
+        methods["medusa_k2_raw"] = methods["medusa_k2"].replace(calibrated=False)
         methods["medusa_tree_fixed"] = medusa.replace(sizing=None)
     return methods
 

@@ -20,6 +20,13 @@ earlier rounds of the first draft token's exact acceptance probability sum_x min
 (`first_acceptance`), and the static depth of each size's node prefix. Expected committed
 tokens are sum_{d <= depth} rate^d (Leviathan et al.'s geometric model). Conditioned on the past,
 the round's size is then fixed, so any lossless rule stays lossless (invariant 8).
+
+`calibrated_confidence(confidence, calibration)` corrects a drafter's confidences before
+`choose_size` by each row's record: a trained drafter's own probability is not the target's
+acceptance (the shipped SmolLM2 Eagle is overconfident on prompts unlike its training data), so
+every round the loop compares node 1's confidence with whether the target's argmax took it
+(`update_calibration`, exponential averages of both) and scales the confidences by their ratio.
+Greedy rounds only (where confidence sizing runs); the scale comes from earlier rounds.
 """
 
 from __future__ import annotations
@@ -109,6 +116,13 @@ def checked_sizing(sizing):
                      f"a {{new tokens: ms}} dict, got {sizing!r}")
 
 
+def checked_calibrated(calibrated):
+    """A drafter's `calibrated` field: True or False."""
+    if not isinstance(calibrated, bool):
+        raise ValueError(f"calibrated must be True or False, got {calibrated!r}")
+    return calibrated
+
+
 def path_probabilities(confidence, parents, valid, max_depth: int):
     """P(node accepted) [B, N]: the product of confidence [B, N] along each node's path (root 1);
     0 for invalid nodes and their descendants. parents: [B, N] (root -1)."""
@@ -136,6 +150,32 @@ def choose_size(costs: CostModel, confidence, parents, valid, active, max_depth:
 
 RATE_PRIOR = 0.5   # a row's acceptance rate before its first round
 RATE_DECAY = 0.7   # weight of the past in the per-round exponential average
+
+
+def calibrated_confidence(confidence, calibration):
+    """confidence [B, N] scaled per row by its record, calibration = (hits, claimed) [B] each:
+    exponential averages of node 1's acceptance and of its confidence. Clipped to [0, 1]."""
+    hits, claimed = calibration
+    scale = hits / jnp.maximum(claimed, 1e-3)                                    # [B]
+    return jnp.clip(confidence * scale[:, None], 0.0, 1.0)
+
+
+def update_calibration(calibration, draft, root_logits, active):
+    """One greedy round's evidence: node 1's confidence and whether it is the target's argmax at
+    the root (root_logits [B, V], as verified). Rows without node 1 keep their record."""
+    hits, claimed = calibration
+    took = (draft.tokens[:, 1] == jnp.argmax(root_logits, axis=-1)).astype(jnp.float32)  # [B]
+    seen = active & draft.valid[:, 1]
+    keep = RATE_DECAY
+    hits = jnp.where(seen, keep * hits + (1.0 - keep) * took, hits)
+    claimed = jnp.where(seen, keep * claimed + (1.0 - keep) * draft.confidence[:, 1], claimed)
+    return hits, claimed
+
+
+def initial_calibration(batch: int):
+    """Records before the first round: equal averages (scale 1, the drafter taken at its word)."""
+    prior = jnp.full((batch,), RATE_PRIOR, jnp.float32)
+    return prior, prior
 
 
 def first_acceptance(draft, root_probs):

@@ -134,6 +134,11 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
                                             or not getattr(drafter, "drafts_confidence", True))
     rate = jnp.full((batch,), costs.RATE_PRIOR, jnp.float32) if sized_by_rate else None  # [B]
     depths_by_size = costs.prefix_depths(sizing, tree) if sized_by_rate else None
+    # Greedy rounds sized by the draft's confidences, corrected by each row's record of them.
+    sized_by_confidence = (sizing is not None and sampling.greedy
+                           and getattr(drafter, "drafts_confidence", True)
+                           and getattr(drafter, "calibrated", True))
+    calibration = costs.initial_calibration(batch) if sized_by_confidence else None  # 2 x [B]
     zeros = jnp.zeros((batch,), jnp.int32)
     stats = (jnp.ones((batch,), jnp.int32), zeros, zeros, jnp.zeros((batch, depth_max), jnp.int32))
 
@@ -210,8 +215,10 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
             # children's q) depends on the drawn token, so verifying it or not by confidence skews
             # its law (seeded chi-square p ~ 1e-18 with per-row choices, test_costs.py); sampled
             # rounds are sized by earlier rounds' acceptance rates instead (next branch).
-            index = choose_size(sizing, draft.confidence, draft.parents, draft.valid, active,
-                                depth_max)
+            confidence = draft.confidence
+            if state["calibration"] is not None:
+                confidence = costs.calibrated_confidence(confidence, state["calibration"])
+            index = choose_size(sizing, confidence, draft.parents, draft.valid, active, depth_max)
             verified = jnp.asarray(sizing.sizes, jnp.int32)[index]
             scored = jax.lax.switch(
                 index, [functools.partial(score_prefix, size) for size in sizing.sizes])
@@ -275,16 +282,22 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
         if sized_by_rate:  # node 1's exact acceptance probability against the target's root
             root_logits = target_logits[:, :1] if constraint is None else constrained(target_logits[:, :1])
             rate = costs.update_rate(rate, draft, probabilities(root_logits[:, 0], sampling), active)
+        calibration = state["calibration"]
+        if calibration is not None and draft.confidence is not None:
+            root_logits = constrained(target_logits[:, :1])[:, 0]                 # [B, V]
+            calibration = costs.update_calibration(calibration, draft, root_logits, active)
         steps, drafted, acc, by_pos = state["stats"]
         drafted_now = jnp.sum(draft.valid & (jnp.arange(n)[None, :] < verified), axis=1) - 1
         stats = (steps + active, drafted + jnp.where(active, drafted_now, 0),
                  acc + jnp.where(active, accepted, 0),
                  by_pos + (active[:, None] & (accepted[:, None] > jnp.arange(depth_max)[None, :])))
         return dict(cache=cache, history=history, out=out, n_out=n_out, done=done, dstate=dstate,
-                    stats=stats, round=state["round"] + 1, dfa=dfa, rate=rate)
+                    stats=stats, round=state["round"] + 1, dfa=dfa, rate=rate,
+                    calibration=calibration)
 
     state = dict(cache=cache, history=history, out=out, n_out=n_out, done=done, dstate=dstate,
-                 stats=stats, round=jnp.int32(1), dfa=dfa, rate=rate)
+                 stats=stats, round=jnp.int32(1), dfa=dfa, rate=rate,
+                 calibration=calibration)
     state = jax.lax.while_loop(cond, body, state)
     steps, drafted, acc, by_pos = state["stats"]
     output = TokenOutput(tokens=state["out"][:, :max_new_tokens], lengths=state["n_out"],

@@ -24,6 +24,7 @@ Models are the shared tiny ones (conftest.py, vocabulary 32; test_tree_drafters.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import struct
 
 import jaxspec as js
 from jaxspec.decoding import COMPILATIONS
@@ -486,6 +488,70 @@ def test_trained_drafter_sized_rounds_are_exact_and_compile_once(tiny, target, g
                             drafter=drafter.replace(sizing=MIXED))
         np.testing.assert_array_equal(again.tokens, ref.tokens)
     assert COMPILATIONS["speculative"] == compiled
+
+
+def test_calibration_by_hand():
+    """The record: exponential averages of node 1's hit (draft token == the target's argmax at
+    the root) and of its confidence, on active rows that drafted node 1; the scale their ratio."""
+    from jaxspec.speculative.draft import Draft
+    record = costs.initial_calibration(3)
+    np.testing.assert_allclose(costs.calibrated_confidence(jnp.full((3, 2), 0.6), record), 0.6)
+    draft = Draft(tokens=jnp.asarray([[0, 4], [0, 1], [0, 2]]), parents=jnp.asarray([[-1, 0]] * 3),
+                  valid=jnp.asarray([[True, True], [True, True], [True, False]]),
+                  confidence=jnp.asarray([[1.0, 0.9], [1.0, 0.8], [1.0, 0.7]]))
+    root = jax.nn.one_hot(jnp.asarray([4, 3, 2]), 6)             # row 0 hit, row 1 missed
+    active = jnp.asarray([True, True, True])
+    hits, claimed = costs.update_calibration(record, draft, root, active)
+    d = costs.RATE_DECAY
+    np.testing.assert_allclose(hits, [d * 0.5 + (1 - d), d * 0.5, 0.5], rtol=1e-6)
+    np.testing.assert_allclose(claimed, [d * 0.5 + (1 - d) * 0.9, d * 0.5 + (1 - d) * 0.8, 0.5],
+                               rtol=1e-6)                        # row 2: node 1 not drafted
+    frozen = costs.update_calibration(record, draft, root, jnp.asarray([False, False, False]))
+    np.testing.assert_allclose(frozen, record)
+    scaled = costs.calibrated_confidence(jnp.full((3, 2), 0.9), (hits, claimed))
+    np.testing.assert_allclose(scaled[:, 1], np.clip(0.9 * np.asarray(hits) / np.asarray(claimed),
+                                                     0, 1), rtol=1e-6)
+    assert float(costs.calibrated_confidence(jnp.full((3, 2), 0.99), (hits, claimed))[0, 1]) == 1.0
+
+
+@struct.dataclass
+class _Overconfident(Eagle):
+    """A random Eagle that claims every node is sure to be accepted (it almost never is)."""
+
+    def propose(self, *args, **kwargs):
+        draft, state = super().propose(*args, **kwargs)
+        return draft.replace(confidence=jnp.ones_like(draft.confidence)), state
+
+
+def test_an_overconfident_drafter_is_pruned_by_its_record(tiny, target, greedy_ref):
+    """Taken at its word, a drafter claiming confidence 1 everywhere verifies all 5 nodes every
+    round under MIXED; its record of misses (node 1 against the target's argmax) scales its
+    confidences down, so later rounds are plain steps. Greedy output identical either way."""
+    base = Eagle.create(target, num_tokens=4, key=1).replace(stop_below=None, sizing=MIXED)
+    liar = _Overconfident(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
+    out = js.generate(target, tiny.prompts, max_new_tokens=tiny.max_new, drafter=liar)
+    np.testing.assert_array_equal(out.tokens, greedy_ref.tokens)
+    np.testing.assert_array_equal(out.lengths, greedy_ref.lengths)
+    rounds = (np.asarray(out.stats["target_steps"]) - 1).sum()
+    drafted = sum(out.stats["drafted"])
+    acceptance = sum(out.stats["accepted"]) / max(drafted, 1)
+    print(f"overconfident random drafter: drafted {drafted} of {4 * rounds}, "
+          f"accepted per drafted {acceptance:.2f}")
+    assert acceptance < 0.3                              # it is a liar on this target
+    assert drafted < 4 * rounds / 2                      # not all 5 nodes every round
+    raw = js.generate(target, tiny.prompts, max_new_tokens=tiny.max_new,
+                      drafter=liar.replace(calibrated=False))
+    np.testing.assert_array_equal(raw.tokens, greedy_ref.tokens)
+    assert sum(raw.stats["drafted"]) == 4 * rounds       # taken at its word: every node verified
+
+
+def test_calibrated_refusal(target):
+    with pytest.raises(ValueError, match="calibrated must be True or False, got 'yes'"):
+        Eagle.create(target, num_tokens=2).replace(calibrated="yes")
+    medusa = js.Medusa.create(target, num_heads=2)
+    with pytest.raises(ValueError, match="calibrated must be True or False, got 1"):
+        medusa.replace(calibrated=1)
+    assert medusa.with_tree(num_tokens=1).replace(calibrated=False).with_tree(num_tokens=2).calibrated is False
 
 
 # -- 5. temperature > 0: the output law is the target's --------------------------------------------

@@ -49,7 +49,7 @@ from jaxspec.models.cache import KVCache, write_layer
 from jaxspec.models.config import ModelConfig
 from jaxspec.models.transformer import Model, _dense, _mlp, _norm, _qkv
 from jaxspec.sampling import Sampling, processed_logits
-from jaxspec.speculative.costs import CostModel, checked_sizing
+from jaxspec.speculative.costs import CostModel, checked_calibrated, checked_sizing
 from jaxspec.speculative.draft import Context, Draft
 from jaxspec.speculative.trees import TreeSpec, chain
 
@@ -164,6 +164,9 @@ class Eagle:
     # levels are left invalid (never verified, never accepted). None drafts every level. The
     # decision reads only nodes above the level it cuts, so the sampled rule stays lossless.
     stop_below: float | None = struct.field(pytree_node=False, default=0.1)
+    # Sized greedy rounds scale the confidences by each row's record (node 1's confidence
+    # against the target's argmax, costs.calibrated_confidence); False takes them as drafted.
+    calibrated: bool = struct.field(pytree_node=False, default=True)
     # The target's frozen arrays the drafter reads ({"embed": [V, D], "head": [V', D]}), bound
     # once per program (`bind`) so they are loop constants, not a 100+ MB while_loop carry.
     bound: dict | None = None
@@ -172,6 +175,7 @@ class Eagle:
 
     def __post_init__(self):
         object.__setattr__(self, "sizing", checked_sizing(self.sizing))
+        checked_calibrated(self.calibrated)
         if self.tree is None:
             if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, int) \
                     or not 1 <= self.num_tokens <= 64:
@@ -199,10 +203,8 @@ class Eagle:
     def with_tree(self, num_tokens: int | None = None, tree: TreeSpec | None = None,
                   sizing=...) -> "Eagle":
         """The same trained weights with another chain length or tree (or sizing)."""
-        return Eagle(params=self.params, config=self.config,
-                     num_tokens=self.num_tokens if num_tokens is None else num_tokens, tree=tree,
-                     target_fingerprint=self.target_fingerprint,
-                     sizing=self.sizing if sizing is ... else sizing, stop_below=self.stop_below)
+        return self.replace(num_tokens=self.num_tokens if num_tokens is None else num_tokens,
+                            tree=tree, sizing=self.sizing if sizing is ... else sizing)
 
     def save(self, path: str | os.PathLike, dtype: str = "bfloat16", extra: dict | None = None):
         """safetensors weights + config.json (layer config, head size, target fingerprint)."""

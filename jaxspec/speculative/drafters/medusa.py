@@ -141,15 +141,19 @@ class Medusa:
     # Per-round verify size: "auto" (the target's measured cost curve, cached), a
     # costs.CostModel or {new tokens: ms} table, or None (always verify the whole tree).
     sizing: object = struct.field(pytree_node=False, default="auto")
+    # Sized greedy rounds scale the confidences by each row's record (node 1's confidence
+    # against the target's argmax, costs.calibrated_confidence); False takes them as drafted.
+    calibrated: bool = struct.field(pytree_node=False, default=True)
     # {"lm_head": [V', D]}: the target's LM-head rows, for shared-head drafters (see bind).
     bound: dict | None = None
 
     uses_target_hidden = True
 
     def __post_init__(self):
-        from jaxspec.speculative.costs import checked_sizing
+        from jaxspec.speculative.costs import checked_calibrated, checked_sizing
 
         object.__setattr__(self, "sizing", checked_sizing(self.sizing))
+        checked_calibrated(self.calibrated)
         k = self.config.num_heads
         if self.tree is None:
             if self.num_tokens is None:
@@ -214,9 +218,8 @@ class Medusa:
         """The same heads with another chain length, tree or rule (neither: keep the tree)."""
         if num_tokens is None and tree is None:
             num_tokens, tree = self.num_tokens, self.tree
-        return Medusa(params=self.params, config=self.config, num_tokens=num_tokens, tree=tree,
-                      target_fingerprint=self.target_fingerprint,
-                      rule=self.rule if rule is None else rule, sizing=self.sizing)
+        return self.replace(num_tokens=num_tokens, tree=tree,
+                            rule=self.rule if rule is None else rule)
 
     @property
     def shared_head(self) -> bool:
