@@ -19,7 +19,6 @@ Writes cpu_cost_curve_anatomy.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxspec.bench.harness import write_report
 
 SIZES = (1, 2, 4, 8, 16)
 YNN_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}
@@ -94,9 +95,6 @@ def main(argv=None) -> int:
                 model=args.model, date=time.strftime("%Y-%m-%d"), rounds=args.rounds)
     floor_ms = result["weight_bytes"] / 1e9 / bandwidth * 1000
     result.update(meta=meta, bandwidth_gb_s=bandwidth, memory_floor_ms=floor_ms)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cpu_cost_curve_anatomy.json").write_text(json.dumps(result, indent=1))
 
     lines = [f"# What makes the float32 cost curve rise ({meta['device']}, jax {meta['jax']}, "
              f"{meta['date']})", "",
@@ -117,8 +115,7 @@ def main(argv=None) -> int:
               f"(the tied head {result['head_bytes'] / 1e6:.0f} MB); streaming bandwidth "
               f"{bandwidth:.1f} GB/s (a jitted sum over 440 MB); memory floor of one forward "
               f"{floor_ms:.1f} ms.", ""]
-    (out / "cpu_cost_curve_anatomy.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(Path(args.out), "cpu_cost_curve_anatomy", result, lines)
     return 0
 
 

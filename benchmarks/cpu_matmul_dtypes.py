@@ -19,7 +19,6 @@ Writes cpu_matmul_dtypes.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxspec.bench.harness import write_report
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -188,11 +189,6 @@ def main(argv=None) -> int:
         same = identity(args.model)
     meta = dict(device=f"{platform.machine()} CPU x{jax.device_count()}", jax=jax.__version__,
                 model=args.model, date=time.strftime("%Y-%m-%d"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cpu_matmul_dtypes.json").write_text(json.dumps(dict(meta=meta, products=products,
-                                                                curves=curves, identity=same),
-                                                           indent=1))
     lines = [f"# XLA:CPU matmuls by dtype ({meta['device']}, jax {meta['jax']}, {meta['date']})",
              "", "Written by `python benchmarks/cpu_matmul_dtypes.py`.", "",
              "## One [M, 576] x [576, 1536] product, 30 in a row (ms)", "",
@@ -214,8 +210,8 @@ def main(argv=None) -> int:
             div = [f"{r['prompt']}@{r['first_divergence']}" for r in rs if not r["identical"]]
             lines.append(f"| {model} | {method} | {sum(r['identical'] for r in rs)}/{len(rs)} | "
                          f"{', '.join(div) or '-'} |")
-    (out / "cpu_matmul_dtypes.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(Path(args.out), "cpu_matmul_dtypes",
+                 dict(meta=meta, products=products, curves=curves, identity=same), lines)
     return 0
 
 

@@ -18,7 +18,6 @@ Writes eagle_heldout_gap.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ def main(argv=None) -> int:
     import jaxspec as js
     from jaxspec.api import encode_prompts
     from jaxspec.bench.chat_bench import load_prompts
+    from jaxspec.bench.harness import markdown_table, write_report
     from jaxspec.speculative.drafters.eagle import head_rows
     from jaxspec.train.eagle import compute_features, make_loss
 
@@ -67,24 +67,19 @@ def main(argv=None) -> int:
                          teacher_forced_top1_second=float(metrics["top1_2"])))
     mean = {k: float(np.mean([r[k] for r in rows]))
             for k in ("loop_acceptance", "teacher_forced_top1", "teacher_forced_top1_second")}
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eagle_heldout_gap.json").write_text(json.dumps(dict(rows=rows, mean=mean,
-                                                                    date=time.strftime("%Y-%m-%d")),
-                                                               indent=1))
     lines = ["# Shipped Eagle on held-out chat prompts: loop acceptance vs teacher-forced top-1", "",
              "Written by `python benchmarks/eagle_heldout_gap.py` (SmolLM2-135M-Instruct, float32, "
              "greedy, 128 new tokens; the model card's held-out top-1 on its own corpora: 0.711 "
-             "first token, 0.653 second).", "",
-             "| prompt | answer tokens | loop acceptance (chain of 1) | teacher-forced top-1 | "
-             "teacher-forced top-1, step 2 |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['prompt']} | {r['answer_tokens']} | {r['loop_acceptance']:.3f} | "
-                     f"{r['teacher_forced_top1']:.3f} | {r['teacher_forced_top1_second']:.3f} |")
-    lines.append(f"| mean | | {mean['loop_acceptance']:.3f} | {mean['teacher_forced_top1']:.3f} | "
-                 f"{mean['teacher_forced_top1_second']:.3f} |")
-    (out_dir / "eagle_heldout_gap.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+             "first token, 0.653 second).", ""]
+    lines += markdown_table(
+        ["prompt", "answer tokens", "loop acceptance (chain of 1)", "teacher-forced top-1",
+         "teacher-forced top-1, step 2"],
+        [[r["prompt"], r["answer_tokens"], f"{r['loop_acceptance']:.3f}", f"{r['teacher_forced_top1']:.3f}",
+          f"{r['teacher_forced_top1_second']:.3f}"] for r in rows]
+        + [["mean", "", f"{mean['loop_acceptance']:.3f}", f"{mean['teacher_forced_top1']:.3f}",
+            f"{mean['teacher_forced_top1_second']:.3f}"]])
+    write_report(Path(args.out), "eagle_heldout_gap",
+                 dict(rows=rows, mean=mean, date=time.strftime("%Y-%m-%d")), lines)
     return 0
 
 

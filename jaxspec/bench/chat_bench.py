@@ -307,17 +307,13 @@ def write(summary: dict, curve: dict, hf: dict | None, meta: dict, out_dir: Path
 
 def main(args) -> int:
     import jaxspec as js
+    from jaxspec.bench.harness import selected_methods
     from jaxspec.models import registry
     from rich.progress import Progress
 
     target = js.load(args.model)
     methods = method_table(target)
-    if args.methods != "all":
-        wanted = set(args.methods.split(",")) | {"autoregressive"}
-        unknown = wanted - set(methods)
-        if unknown:
-            raise ValueError(f"unknown methods {sorted(unknown)}; known for this model: {sorted(methods)}")
-        methods = {k: v for k, v in methods.items() if k in wanted}
+    methods = selected_methods(methods, args.methods)
     prompts = load_prompts()
     batch = getattr(args, "batch", 1) or 1
     if args.chat_prompts:

@@ -173,6 +173,37 @@ def run_hf(name, target_dir, draft_dir, prompts, args, hf_kwargs) -> dict:
                 program_memory_mb=None, tree_nodes=None)
 
 
+def markdown_table(columns: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table's lines: a header of `columns`, then one line per row of cells."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def write_report(out_dir: Path, stem: str, data: dict, lines: list[str]) -> Path:
+    """Write a benchmark script's `stem`.json (data) and `stem`.md (lines), print the Markdown."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=1))
+    md = out_dir / f"{stem}.md"
+    md.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return md
+
+
+def selected_methods(methods: dict, spec: str, also: tuple[str, ...] = ()) -> dict:
+    """The methods named in `spec` ("all" or comma-separated names; autoregressive always kept).
+    Names in `also` are accepted without being in `methods` (run elsewhere, e.g. Hugging Face)."""
+    if spec == "all":
+        return methods
+    wanted = set(spec.split(",")) | {"autoregressive"}
+    unknown = wanted - set(methods) - set(also)
+    if unknown:
+        known = sorted(methods) + list(also)
+        raise ValueError(f"unknown methods {sorted(unknown)}; known for this model: {', '.join(known)}")
+    return {k: v for k, v in methods.items() if k in wanted}
+
+
 def write_results(results: list[dict], meta: dict, out_dir: Path, name: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     base = next(r for r in results if r["method"] == "autoregressive")["tokens_per_s"]
@@ -254,13 +285,7 @@ def main(args) -> int:
     sampling = js.Sampling(temperature=args.temperature)
     prompts = heldout_prompts(args.prompts) + list(NATURAL_LANGUAGE_PROMPTS)
     methods = method_table(draft)
-    if args.methods != "all":
-        wanted = set(args.methods.split(",")) | {"autoregressive"}
-        unknown = wanted - set(methods) - {"hf_generate", "hf_assisted", "hf_prompt_lookup"}
-        if unknown:
-            raise ValueError(f"unknown methods {sorted(unknown)}; known: {sorted(methods)} and "
-                             "hf_generate, hf_assisted, hf_prompt_lookup")
-        methods = {k: v for k, v in methods.items() if k in wanted}
+    methods = selected_methods(methods, args.methods, also=("hf_generate", "hf_assisted", "hf_prompt_lookup"))
     hf = {} if args.no_hf else {"hf_generate": {}, "hf_assisted": {"assistant": True},
                                 "hf_prompt_lookup": {"prompt_lookup_num_tokens": 8}}
     if args.methods != "all":

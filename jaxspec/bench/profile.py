@@ -196,6 +196,7 @@ def write(rows: list[dict], meta: dict, out_dir: Path, name: str) -> Path:
 def main(args) -> int:
     import jaxspec as js
     from jaxspec.bench.chat_bench import load_prompts, method_table
+    from jaxspec.bench.harness import selected_methods
 
     target = js.load(args.model) if getattr(args, "model", None) else js.load_default()[0]
     if getattr(args, "model", None):
@@ -209,12 +210,7 @@ def main(args) -> int:
         methods = {"autoregressive": None, "draft_model_k4": js.DraftModel(draft, num_tokens=4),
                    "prompt_lookup": js.PromptLookup()}
         conversation = heldout_prompts(1)[0]
-    if args.methods != "all":
-        wanted = set(args.methods.split(",")) | {"autoregressive"}
-        unknown = wanted - set(methods)
-        if unknown:
-            raise ValueError(f"unknown methods {sorted(unknown)}; known: {sorted(methods)}")
-        methods = {k: v for k, v in methods.items() if k in wanted}
+    methods = selected_methods(methods, args.methods)
     if isinstance(conversation, str):  # the tiny pair has no chat template: token ids
         conversation = target.tokenizer.encode(conversation)
     rows = profile(target, methods, conversation, args.max_new_tokens)
