@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.bench.harness import write_report
+from jaxspec.bench.report import write_report
 
 SIZES = (1, 2, 4, 8, 16)
 YNN_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}

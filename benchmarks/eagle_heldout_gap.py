@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     import jaxspec as js
     from jaxspec.api import encode_prompts
     from jaxspec.bench.chat_bench import load_prompts
-    from jaxspec.bench.harness import markdown_table, write_report
+    from jaxspec.bench.report import markdown_table, write_report
     from jaxspec.speculative.drafters.eagle import head_rows
     from jaxspec.train.eagle import compute_features, make_loss
 

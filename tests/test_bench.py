@@ -34,6 +34,23 @@ def test_bench_refuses_unknown_method(tmp_path):
         harness.main(args)
 
 
+def test_report_helpers(tmp_path, capsys):
+    from jaxspec.bench.report import markdown_table, selected_methods, write_report
+
+    lines = ["# t", ""] + markdown_table(["a", "b"], [[1, "x"], [2.5, ""]])
+    assert lines[2:] == ["| a | b |", "|---|---|", "| 1 | x |", "| 2.5 |  |"]
+    md = write_report(tmp_path / "out", "r", {"k": [1, 2]}, lines)
+    assert md.read_text() == "\n".join(lines) + "\n" and "| 2.5 |  |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "r.json").read_text()) == {"k": [1, 2]}
+    methods = {"autoregressive": None, "eagle_k2": 1, "medusa_k2": 2}
+    assert selected_methods(methods, "all") is methods
+    assert selected_methods(methods, "medusa_k2") == {"autoregressive": None, "medusa_k2": 2}
+    assert selected_methods(methods, "hf_generate", also=("hf_generate",)) == {"autoregressive": None}
+    with pytest.raises(ValueError, match=r"unknown methods \['eagle_k9'\]; known for this model: "
+                                         r"autoregressive, eagle_k2, medusa_k2, hf_generate"):
+        selected_methods(methods, "eagle_k9,eagle_k2", also=("hf_generate",))
+
+
 def test_bench_profile_splits_a_round(tmp_path):
     """`jaxspec bench --profile` on the shipped pair: every part measured, the speculative
     program larger than the autoregressive one, files written."""

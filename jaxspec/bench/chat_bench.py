@@ -71,6 +71,9 @@ def method_table(target) -> dict:
         methods["eagle_k2_raw"] = drafter.with_tree(num_tokens=2).replace(calibrated=False)
         methods["eagle_k3_fixed"] = drafter.with_tree(num_tokens=3, sizing=None)
         methods["eagle_tree"] = drafter.with_tree(tree=js.trees.from_paths(EAGLE_TREE_PATHS))
+        # EAGLE-2 dynamic trees (budget, depth, top-k), sized per round like the chains.
+        methods["eagle_dyn6"] = drafter.with_tree(tree=js.trees.dynamic(6, 3, 3))
+        methods["eagle_dyn10"] = drafter.with_tree(tree=js.trees.dynamic(10, 4, 3))
         for v in (4096, 2048):  # VocabTrim: the v most frequent of the head's tokens
             methods[f"eagle_k3_v{v}"] = trimmed(drafter, v).with_tree(num_tokens=3)
     from jaxspec.speculative.default import shipped_drafter
@@ -307,7 +310,7 @@ def write(summary: dict, curve: dict, hf: dict | None, meta: dict, out_dir: Path
 
 def main(args) -> int:
     import jaxspec as js
-    from jaxspec.bench.harness import selected_methods
+    from jaxspec.bench.report import selected_methods
     from jaxspec.models import registry
     from rich.progress import Progress
 

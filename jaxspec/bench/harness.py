@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec.bench.report import selected_methods
+
 NATURAL_LANGUAGE_PROMPTS = (
     "# Return the list of prime numbers below n.\ndef primes_below(n):\n",
     "# A small command line tool that counts words in a file.\nimport sys\n\n\ndef main(argv):\n",
@@ -171,37 +173,6 @@ def run_hf(name, target_dir, draft_dir, prompts, args, hf_kwargs) -> dict:
     return dict(method=name, tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds,
                 compile_seconds=0.0, mean_accepted=None, acceptance_rate=None, drafting_share=None,
                 program_memory_mb=None, tree_nodes=None)
-
-
-def markdown_table(columns: list[str], rows: list[list]) -> list[str]:
-    """A Markdown table's lines: a header of `columns`, then one line per row of cells."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines
-
-
-def write_report(out_dir: Path, stem: str, data: dict, lines: list[str]) -> Path:
-    """Write a benchmark script's `stem`.json (data) and `stem`.md (lines), print the Markdown."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=1))
-    md = out_dir / f"{stem}.md"
-    md.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return md
-
-
-def selected_methods(methods: dict, spec: str, also: tuple[str, ...] = ()) -> dict:
-    """The methods named in `spec` ("all" or comma-separated names; autoregressive always kept).
-    Names in `also` are accepted without being in `methods` (run elsewhere, e.g. Hugging Face)."""
-    if spec == "all":
-        return methods
-    wanted = set(spec.split(",")) | {"autoregressive"}
-    unknown = wanted - set(methods) - set(also)
-    if unknown:
-        known = sorted(methods) + list(also)
-        raise ValueError(f"unknown methods {sorted(unknown)}; known for this model: {', '.join(known)}")
-    return {k: v for k, v in methods.items() if k in wanted}
 
 
 def write_results(results: list[dict], meta: dict, out_dir: Path, name: str) -> Path:

@@ -196,7 +196,7 @@ def write(rows: list[dict], meta: dict, out_dir: Path, name: str) -> Path:
 def main(args) -> int:
     import jaxspec as js
     from jaxspec.bench.chat_bench import load_prompts, method_table
-    from jaxspec.bench.harness import selected_methods
+    from jaxspec.bench.report import selected_methods
 
     target = js.load(args.model) if getattr(args, "model", None) else js.load_default()[0]
     if getattr(args, "model", None):

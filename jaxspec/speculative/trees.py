@@ -17,6 +17,7 @@ import functools
 import operator
 from collections.abc import Iterable, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -247,6 +248,20 @@ class DynamicTree:
 def dynamic(budget: int, max_depth: int, top_k: int) -> DynamicTree:
     """A validated DynamicTree spec: budget draft nodes, at most max_depth deep, top_k wide."""
     return DynamicTree(budget, max_depth, top_k)
+
+
+def ancestors_of(parents: jax.Array, steps: int) -> jax.Array:
+    """Run-time ancestor mask of per-row parent arrays (dynamic trees): parents [B, T] (-1 at
+    roots, parents[:, i] < i) -> [B, T, T] bool, row i true at i and its ancestors. `steps`
+    bounds the depth (static)."""
+    batch, t = parents.shape
+    nodes = jnp.arange(t)
+    mask = jnp.broadcast_to(jnp.eye(t, dtype=bool), (batch, t, t))
+    cur = jnp.broadcast_to(nodes, (batch, t))
+    for _ in range(steps):
+        cur = jnp.where(cur >= 0, jnp.take_along_axis(parents, jnp.maximum(cur, 0), axis=1), -1)
+        mask = mask | ((cur[..., None] == nodes) & (cur >= 0)[..., None])
+    return mask
 
 
 def _token_recycling_paths() -> list[tuple[int, ...]]:

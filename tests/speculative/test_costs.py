@@ -344,7 +344,8 @@ def _sized_table(n, ms):
 
 PLAIN = lambda i, k: 1.0 if i == 0 else 100.0        # size 1 always wins: every round plain
 FULL = lambda i, k: 100.0 if i < k - 1 else 1.0      # the whole tree always wins
-KINDS = {"chain": dict(num_tokens=4), "tree": dict(tree=TREE)}
+KINDS = {"chain": dict(num_tokens=4), "tree": dict(tree=TREE),
+         "dynamic": dict(tree=js.trees.dynamic(6, 3, 2))}
 
 
 def _eagle(target, kind, sizing, key=1):
@@ -370,7 +371,7 @@ def _unsized(target, prompts, kind):
     return _UNSIZED[kind]
 
 
-@pytest.mark.parametrize("kind, sizing", [(kind, sizing) for kind in ("chain", "tree")
+@pytest.mark.parametrize("kind, sizing", [(kind, sizing) for kind in ("chain", "tree", "dynamic")
                                           for sizing in (None, "auto", "plain", "full")]
                          + [("chain", 4), ("tree", 2)])      # always that prefix of the nodes
 def test_greedy_identical_under_every_sizing(kind, sizing, tiny, target, greedy_ref,
@@ -411,7 +412,7 @@ def test_greedy_identical_under_every_sizing(kind, sizing, tiny, target, greedy_
         assert measured == []
 
 
-@pytest.mark.parametrize("kind", ["chain", "tree"])
+@pytest.mark.parametrize("kind", ["chain", "tree", "dynamic"])
 def test_stop_below_cuts_levels_and_stays_exact(kind, tiny, target, greedy_ref):
     """Eagle's stop_below: a random drafter's doubtful levels are not drafted (fewer nodes than
     with stop_below=None), the output is still the target's greedy output."""

@@ -100,13 +100,15 @@ GREEDY_DRAFTERS = {
     "chain4": dict(num_tokens=4),
     "kary": dict(tree=js.trees.kary(2, 3)),
     "paths_trim": dict(tree=PATHS_TREE, head_tokens=12),
+    "dynamic": dict(tree=js.trees.dynamic(6, 3, 2)),
+    "dynamic_trim": dict(tree=js.trees.dynamic(8, 3, 3), head_tokens=12),
 }
 
 
 @pytest.mark.parametrize("name", GREEDY_DRAFTERS)
 def test_greedy_identical_to_autoregressive(name, tiny, target, greedy_ref):
     drafter = Eagle.create(target, key=1, **GREEDY_DRAFTERS[name])
-    if name == "paths_trim":  # VocabTrim: 12 of the 32 ids, not a prefix of the vocabulary
+    if name.endswith("_trim"):  # VocabTrim: 12 of the 32 ids, not a prefix of the vocabulary
         drafter = drafter.replace(params=dict(drafter.params,
                                               head_ids=jnp.arange(3, 27, 2, dtype=jnp.int32)))
     out = js.generate(target, tiny.prompts, max_new_tokens=tiny.max_new, drafter=drafter)
@@ -201,6 +203,66 @@ def test_trained_drafter_is_accepted_and_exact(tiny, target, greedy_ref, trained
         for got, want in ((state.cache.k, ref.k), (state.cache.v, ref.v)):
             np.testing.assert_allclose(np.asarray(got)[:, b, :n], np.asarray(want)[:, b, :n],
                                        atol=2e-5, rtol=1e-4, err_msg=f"row {b}")
+
+
+def test_trained_drafter_in_a_dynamic_tree_is_accepted_and_exact(tiny, target, greedy_ref, trained):
+    """The trained chain-4 weights drafting an EAGLE-2 tree (budget 8, depth 4, top 2, the whole
+    tree verified): the target's greedy output, and its drafts are accepted (a random drafter's
+    almost never are)."""
+    drafter, _, _, _ = trained
+    tree = drafter.with_tree(tree=js.trees.dynamic(8, 4, 2), sizing=None)
+    out = js.generate(target, tiny.prompts, max_new_tokens=tiny.max_new, drafter=tree)
+    np.testing.assert_array_equal(out.tokens, greedy_ref.tokens)
+    np.testing.assert_array_equal(out.lengths, greedy_ref.lengths)
+    random = js.generate(target, tiny.prompts, max_new_tokens=tiny.max_new,
+                         drafter=Eagle.create(target, tree=js.trees.dynamic(8, 4, 2), key=1,
+                                              ).replace(sizing=None))
+    print(f"trained Eagle, dynamic tree: mean accepted {out.stats['mean_accepted']:.2f} "
+          f"(random: {random.stats['mean_accepted']:.2f})")
+    assert out.stats["mean_accepted"] > 2.0 > random.stats["mean_accepted"]
+
+
+def test_dynamic_tree_is_the_best_budget_of_the_expansion(target, aligned):
+    """Round 1 of dynamic(7, 3, 3) against an independent reference: the static 3-ary tree of
+    depth 3 drafts every top-3 path (its tokens and confidences are the same layer's), EAGLE-2's
+    expansion is replayed on it in numpy (level 1: the root's 3 children; level 2: the children
+    of the top 3 of level 1; level 3: the children of the top 3 of level 2, by path
+    log-probability), and the 7 best candidates must be the dynamic draft's nodes, in score order,
+    with the same tokens, parents and confidences."""
+    tokens, lengths = _prompt_arrays(ALIGN_PROMPTS)
+    key = jax.random.PRNGKey(0)
+    kary = js.trees.kary(3, 3)
+    static = _round_one(target, aligned.with_tree(tree=kary), tokens, lengths, Sampling(), key)[1]
+    dyn = _round_one(target, aligned.with_tree(tree=js.trees.dynamic(7, 3, 3)), tokens, lengths,
+                     Sampling(), key)[1]
+    parents_k, depths_k = np.asarray(kary.parents), kary.depths
+    for b in range(len(ALIGN_PROMPTS)):
+        conf = np.asarray(static.confidence[b], np.float64)
+        score = np.zeros(kary.num_nodes)
+        for i in range(1, kary.num_nodes):
+            score[i] = score[parents_k[i]] + np.log(conf[i])
+        candidates, frontier = [], [0]
+        for depth in range(1, 4):
+            level = [i for i in range(kary.num_nodes) if parents_k[i] in frontier]
+            candidates += level
+            frontier = sorted(level, key=lambda i: -score[i])[:3]
+        best = sorted(candidates, key=lambda i: -score[i])[:7]
+
+        def path(tok, par, i):
+            out = []
+            while i > 0:
+                out.append(int(tok[i]))
+                i = int(par[i])
+            return tuple(reversed(out))
+        want = [path(np.asarray(static.tokens[b]), parents_k, i) for i in best]
+        d_tok, d_par = np.asarray(dyn.tokens[b]), np.asarray(dyn.parents[b])
+        got = [path(d_tok, d_par, i) for i in range(1, 8)]
+        assert got == want, b
+        assert d_par[0] == -1 and all(0 <= d_par[i] < i for i in range(1, 8))
+        np.testing.assert_allclose(np.asarray(dyn.confidence[b, 1:]), conf[best], rtol=1e-4)
+        assert np.asarray(dyn.valid[b]).all() and d_tok[0] == int(static.tokens[b, 0])
+        assert dyn.q is None and depths_k[best].max() >= 2     # deeper than one level
+    assert np.all(np.isin(np.asarray(dyn.tokens[:, 1:]), HEAD_IDS))     # VocabTrim ids
 
 
 # -- 2. alignment with the training code ---------------------------------------------------------
@@ -360,19 +422,23 @@ def test_catch_up_equals_a_fresh_start_on_the_longer_prefix(target, aligned, kin
 SAMPLING = Sampling(temperature=0.9, top_k=5)
 
 
-@pytest.mark.parametrize("kind", ["chain_trim", "tree"])
+@pytest.mark.parametrize("kind", ["chain_trim", "tree", "dynamic"])
 def test_sampling_distribution_chi_square(kind):
     """The first three tokens of 2000 rows follow the target's exact law (temperature 0.9,
     top-k 5). chain_trim: a chain of 3 whose head keeps 6 of the 8 ids (q = 0 on the others);
-    tree: test_tree_drafters' CHI_TREE (root fanout 6 > top_k: the sixth sibling is invalid).
+    tree: test_tree_drafters' CHI_TREE (root fanout 6 > top_k: the sixth sibling is invalid);
+    dynamic: an EAGLE-2 tree (budget 6, depth 2, top 3) verified as one-hot proposals.
     Seeded, deterministic; a correct rule passes p > 1e-3 with probability 0.999."""
     target, _ = small_models(SMALL_VOCAB)
     if kind == "chain_trim":
         drafter = Eagle.create(target, num_tokens=3, head_tokens=6, key=4)
         drafter = drafter.replace(params=dict(drafter.params,
                                               head_ids=jnp.asarray([0, 1, 3, 4, 6, 7], jnp.int32)))
-    else:
+    elif kind == "tree":
         drafter = Eagle.create(target, tree=CHI_TREE, key=4)
+    else:
+        drafter = Eagle.create(target, tree=js.trees.dynamic(6, 2, 3), key=4)
+        assert drafter.rule == "auto"
     drafter = _sharpened(drafter, seed=4)
     prompt = [1, 2, 3]
     tokens = jnp.asarray(np.tile(prompt, (ROWS, 1)), jnp.int32)
@@ -454,6 +520,8 @@ def test_save_load_round_trip(tmp_path, target, aligned):
                                np.asarray(aligned.params["fc"]["kernel"]), rtol=1e-2, atol=1e-3)
     assert Eagle.load(tmp_path / "bf16", num_tokens=2).tree == js.trees.chain(2)
     assert Eagle.load(tmp_path / "bf16", tree=js.trees.kary(3, 1)).tree == js.trees.kary(3, 1)
+    aligned.with_tree(tree=js.trees.dynamic(5, 2, 2)).save(tmp_path / "dyn")
+    assert Eagle.load(tmp_path / "dyn").tree == js.trees.dynamic(5, 2, 2)
 
 
 def test_with_tree(target, aligned):
@@ -466,6 +534,9 @@ def test_with_tree(target, aligned):
         d.check_compatible(target)
     assert aligned.with_tree().tree == aligned.tree
     assert tree.rule == "speculative_wor" and Eagle.uses_target_hidden
+    dyn = aligned.with_tree(tree=js.trees.dynamic(6, 3, 2))
+    assert dyn.rule == "auto" and dyn.cache_slack() == 4 and dyn.tree.num_nodes == 7
+    dyn.check_compatible(target)
 
 
 # -- 5. refusals -----------------------------------------------------------------------------------
@@ -513,8 +584,9 @@ def test_fingerprint_does_not_depend_on_the_dtype(target):
     Eagle.create(half, num_tokens=3).check_compatible(target)
 
 
-def test_refuses_a_tree_wider_than_the_head(target):
-    _refused(target, Eagle.create(target, tree=js.trees.kary(4, 1), head_tokens=3),
+@pytest.mark.parametrize("tree", [js.trees.kary(4, 1), js.trees.dynamic(4, 2, 4)])
+def test_refuses_a_tree_wider_than_the_head(target, tree):
+    _refused(target, Eagle.create(target, tree=tree, head_tokens=3),
              r"the tree has up to 4 children per node but the drafter's head has only 3 tokens")
 
 
@@ -524,10 +596,11 @@ def test_refuses_bad_num_tokens(target, num_tokens):
         Eagle.create(target, num_tokens=num_tokens)
 
 
-@pytest.mark.parametrize("tree", [[-1, 0, 1], (-1, 0), js.trees.dynamic(10, 3, 3)])
+@pytest.mark.parametrize("tree", [[-1, 0, 1], (-1, 0), "dynamic"])
 def test_refuses_a_tree_that_is_not_a_tree_spec(target, tree):
     with pytest.raises(ValueError, match=r"Eagle tree must be a js\.trees TreeSpec \(chain, kary, "
-                                         r"from_paths\), got (list|tuple|DynamicTree)"):
+                                         r"from_paths\) or js\.trees\.dynamic\(\.\.\.\), got "
+                                         r"(list|tuple|str)"):
         Eagle.create(target, tree=tree)
 
 

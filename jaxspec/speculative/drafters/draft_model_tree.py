@@ -49,7 +49,7 @@ from jaxspec.models.cache import KVCache, compact
 from jaxspec.models.transformer import forward
 from jaxspec.sampling import Sampling, probabilities, processed_logits
 from jaxspec.speculative.draft import Context, Draft
-from jaxspec.speculative.trees import DynamicTree, TreeSpec
+from jaxspec.speculative.trees import DynamicTree, TreeSpec, ancestors_of
 
 
 @struct.dataclass
@@ -133,18 +133,6 @@ def propose_static(drafter, state: TreeDraftState, ctx: Context, sampling: Sampl
     return draft, state.replace(cache=cache)
 
 
-def _ancestors(parents: jax.Array, steps: int) -> jax.Array:
-    """parents [B, T] (-1 at roots) -> [B, T, T] bool: row i true at i and its ancestors."""
-    batch, t = parents.shape
-    nodes = jnp.arange(t)
-    mask = jnp.broadcast_to(jnp.eye(t, dtype=bool), (batch, t, t))
-    cur = jnp.broadcast_to(nodes, (batch, t))
-    for _ in range(steps):
-        cur = jnp.where(cur >= 0, jnp.take_along_axis(parents, jnp.maximum(cur, 0), axis=1), -1)
-        mask = mask | ((cur[..., None] == nodes) & (cur >= 0)[..., None])
-    return mask
-
-
 def propose_dynamic(drafter, state: TreeDraftState, ctx: Context, sampling: Sampling, key,
                     vocab: int):
     spec: DynamicTree = drafter.tree
@@ -183,7 +171,7 @@ def propose_dynamic(drafter, state: TreeDraftState, ctx: Context, sampling: Samp
         else:
             new = np.zeros(1, np.int64)
         end = 1 + level * k
-        mask = _ancestors(fed_parent[:, :end], level)
+        mask = ancestors_of(fed_parent[:, :end], level)
         logits, cache = _feed(drafter, cache, committed, before, fed_token[:, :end],
                               fed_depth[:, :end], mask)
         logp = jax.nn.log_softmax(drafter._logits(logits[:, new], vocab), axis=-1)  # [B, m, V]

@@ -24,6 +24,18 @@ without-replacement draw from the processed draft distribution q otherwise (rule
 "speculative_wor", lossless; q is zero outside the V' head tokens). After verification the
 target's hidden states at the accepted path become the next round's catch-up features.
 
+Dynamic trees (`tree=js.trees.dynamic(budget, max_depth, top_k)`, EAGLE-2). Level 1 holds the
+root's top_k head tokens; at each later level the top_k candidates of the level above by
+cumulative draft log-probability (the sum along the path) are expanded, each with its top_k
+children: one feed of the expanded nodes so far per level, as in step 2. The best `budget`
+candidates are kept and ordered by that score, best first (ties by candidate index): a child
+never outscores its parent and comes later among the candidates, so every prefix of the nodes is
+a tree, and a per-round size that verifies the first S nodes (costs.choose_size) verifies the S
+most probable ones. The candidates are top-k of the raw draft distribution, a deterministic
+function of the context, so the draft carries no q and is verified as one-hot proposals (greedy
+at temperature 0, multi-draft "speculative" otherwise): lossless. `stop_below` skips a level when
+no active row's best candidate above it has path probability >= stop_below.
+
 `Eagle.load(path)` reads a trained drafter (safetensors + config.json); `Eagle.create(target)`
 makes a random one (tests, training from scratch). A drafter is tied to the target it was trained
 for: `check_compatible` refuses another target by hidden size, vocabulary or weight fingerprint.
@@ -51,7 +63,7 @@ from jaxspec.models.transformer import Model, _dense, _mlp, _norm, _qkv
 from jaxspec.sampling import Sampling, processed_logits
 from jaxspec.speculative.costs import CostModel, checked_calibrated, checked_sizing
 from jaxspec.speculative.draft import Context, Draft
-from jaxspec.speculative.trees import TreeSpec, chain
+from jaxspec.speculative.trees import DynamicTree, TreeSpec, ancestors_of, chain
 
 
 def fingerprint(target: Model) -> str:
@@ -128,6 +140,23 @@ def head_logits(head, h):
     return jnp.einsum("...D,VD->...V", h, head.astype(h.dtype)).astype(jnp.float32)
 
 
+def _tree_meta(tree) -> dict:
+    """config.json's description of a drafter's tree (Eagle.save)."""
+    if isinstance(tree, DynamicTree):
+        return {"dynamic_tree": [tree.budget, tree.max_depth, tree.top_k]}
+    return {"tree_parents": [int(p) for p in tree.parents]}
+
+
+def _tree_from_meta(meta: dict):
+    """The tree a config.json describes, or None (Eagle.load)."""
+    from jaxspec.speculative.trees import dynamic, from_parents
+
+    if meta.get("dynamic_tree"):
+        return dynamic(*meta["dynamic_tree"])
+    parents = meta.get("tree_parents")
+    return from_parents(parents) if parents else None
+
+
 @struct.dataclass
 class EagleState:
     cache: KVCache          # the drafter's one-layer cache; lengths = positions fed with true f
@@ -153,7 +182,7 @@ class Eagle:
     params: dict
     config: ModelConfig = struct.field(pytree_node=False)
     num_tokens: int = struct.field(pytree_node=False, default=5)
-    tree: TreeSpec | None = struct.field(pytree_node=False, default=None)
+    tree: TreeSpec | DynamicTree | None = struct.field(pytree_node=False, default=None)
     target_fingerprint: str | None = struct.field(pytree_node=False, default=None)
     # Per-round verify size from the target's measured cost curve and the draft's confidence:
     # "auto" (js.generate measures the curve once and caches it), a costs.CostModel or a
@@ -181,9 +210,9 @@ class Eagle:
                     or not 1 <= self.num_tokens <= 64:
                 raise ValueError(f"num_tokens must be an integer in [1, 64], got {self.num_tokens!r}")
             object.__setattr__(self, "tree", chain(self.num_tokens))
-        elif not isinstance(self.tree, TreeSpec):
-            raise ValueError(f"Eagle tree must be a js.trees TreeSpec (chain, kary, from_paths), got "
-                             f"{type(self.tree).__name__}")
+        elif not isinstance(self.tree, (TreeSpec, DynamicTree)):
+            raise ValueError(f"Eagle tree must be a js.trees TreeSpec (chain, kary, from_paths) or "
+                             f"js.trees.dynamic(...), got {type(self.tree).__name__}")
         elif self.tree.max_depth < 1:
             raise ValueError("Eagle tree drafts nothing: give a tree with at least one draft node")
         if self.stop_below is not None and not 0.0 <= self.stop_below < 1.0:
@@ -191,7 +220,7 @@ class Eagle:
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
-    def create(cls, target: Model, num_tokens: int = 5, tree: TreeSpec | None = None,
+    def create(cls, target: Model, num_tokens: int = 5, tree: TreeSpec | DynamicTree | None = None,
                head_tokens: int | None = None, key=0, dtype=jnp.float32) -> "Eagle":
         """A randomly initialised drafter for `target` (head over the first V' ids, or all)."""
         config = layer_config(target.config)
@@ -200,7 +229,7 @@ class Eagle:
         return cls(params=init_params(config, v, key, dtype), config=config, num_tokens=num_tokens,
                    tree=tree, target_fingerprint=fingerprint(target))
 
-    def with_tree(self, num_tokens: int | None = None, tree: TreeSpec | None = None,
+    def with_tree(self, num_tokens: int | None = None, tree: TreeSpec | DynamicTree | None = None,
                   sizing=...) -> "Eagle":
         """The same trained weights with another chain length or tree (or sizing)."""
         return self.replace(num_tokens=self.num_tokens if num_tokens is None else num_tokens,
@@ -222,13 +251,13 @@ class Eagle:
         save_file(flat, str(path / "model.safetensors"))
         meta = {"kind": "eagle", "layer": dataclasses.asdict(self.config),
                 "head_tokens": int(self.params["head_ids"].shape[0]),
-                "num_tokens": self.num_tokens, "tree_parents": [int(p) for p in self.tree.parents],
+                "num_tokens": self.num_tokens, **_tree_meta(self.tree),
                 "target_fingerprint": self.target_fingerprint, **(extra or {})}
         (path / "config.json").write_text(json.dumps(meta, indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike, dtype: str = "float32", num_tokens: int | None = None,
-             tree: TreeSpec | None = None) -> "Eagle":
+             tree: TreeSpec | DynamicTree | None = None) -> "Eagle":
         from safetensors import safe_open
 
         path = Path(path)
@@ -257,9 +286,7 @@ class Eagle:
                                          else arr.astype(np.float32)).astype(
                     jnp.int32 if arr.dtype == np.int32 else jdtype)
         if tree is None and num_tokens is None:
-            parents = meta.get("tree_parents")
-            from jaxspec.speculative.trees import from_parents
-            tree = from_parents(parents) if parents else None
+            tree = _tree_from_meta(meta)
         return cls(params=params, config=config,
                    num_tokens=meta.get("num_tokens", 5) if num_tokens is None else num_tokens,
                    tree=tree, target_fingerprint=meta.get("target_fingerprint"))
@@ -275,7 +302,12 @@ class Eagle:
             return self.bound["embed"], self.bound["head"]
         return state.embed, state.head
 
-    rule = "speculative_wor"  # children are Gumbel-top-k draws without replacement from q
+    @property
+    def rule(self) -> str:
+        """Verification rule at temperature > 0: static trees' children are Gumbel-top-k draws
+        without replacement from q ("speculative_wor"); a dynamic tree's candidates are
+        deterministic, verified as one-hot proposals (the default)."""
+        return "auto" if isinstance(self.tree, DynamicTree) else "speculative_wor"
 
     def cache_slack(self) -> int:
         return self.tree.max_depth + 1
@@ -294,7 +326,7 @@ class Eagle:
             raise ValueError(f"this Eagle drafter was trained for another target (fingerprint "
                              f"{self.target_fingerprint}, this target's is {fingerprint(target)}); "
                              "train one for this target with `jaxspec train eagle`")
-        width = self.tree.max_children
+        width = self.tree.top_k if isinstance(self.tree, DynamicTree) else self.tree.max_children
         if width > self.params["head_ids"].shape[0]:
             raise ValueError(f"the tree has up to {width} children per node but the drafter's head "
                              f"has only {self.params['head_ids'].shape[0]} tokens")
@@ -327,9 +359,6 @@ class Eagle:
 
     def propose(self, state: EagleState, ctx: Context, sampling: Sampling, key, vocab: int):
         tree = self.tree
-        n, max_depth = tree.num_nodes, tree.max_depth
-        depths, parents_np = tree.depths, np.asarray(tree.parents)
-        num_children = np.bincount(parents_np[1:], minlength=n)
         batch = ctx.length.shape[0]
         rows = jnp.arange(batch)
         head_ids = self.params["head_ids"]
@@ -345,7 +374,13 @@ class Eagle:
         out, cache = layer_step(self.params, self.config, x, state.cache, stable[:, None] + offs)
         h_root = out[rows, jnp.maximum(state.num_pending - 1, 0)]                    # [B, D]
         cache = cache.replace(lengths=committed)
+        if isinstance(tree, DynamicTree):
+            draft = self._propose_dynamic(ctx, h_root, cache, embed, head, head_ids)
+            return draft, state.replace(cache=cache)
         # 2. tree levels.
+        n, max_depth = tree.num_nodes, tree.max_depth
+        depths, parents_np = tree.depths, np.asarray(tree.parents)
+        num_children = np.bincount(parents_np[1:], minlength=n)
         root = ctx.history[rows, ctx.length - 1]
         tokens = jnp.zeros((batch, n), jnp.int32).at[:, 0].set(root)
         valid = jnp.zeros((batch, n), bool).at[:, 0].set(True)
@@ -418,6 +453,101 @@ class Eagle:
         path_prob = path_prob.at[:, kids].set(path_prob[:, parents_np[kids]]
                                               * confidence[:, kids])
         return tokens, valid, q, confidence, hidden, path_prob
+
+    def _propose_dynamic(self, ctx: Context, h_root, cache: KVCache, embed, head, head_ids) -> Draft:
+        """EAGLE-2: expand the top_k candidates per level by path log-probability, keep the best
+        `budget`, best first (module docstring). h_root: [B, D]; cache holds positions < c."""
+        spec: DynamicTree = self.tree
+        k, max_depth, budget = spec.top_k, spec.max_depth, spec.budget
+        batch, dim = h_root.shape
+        rows = jnp.arange(batch)[:, None]                                            # [B, 1]
+        committed = ctx.cache_lengths                                                # [B]
+        c = 1 + spec.max_candidates                          # candidate 0 is the root
+        e = (max_depth - 1) * k                              # fed (expanded) nodes, at most
+
+        def level_start(depth: int) -> int:                  # first candidate id at a depth >= 1
+            return 1 if depth == 1 else 1 + k + (depth - 2) * k * k
+
+        root = ctx.history[rows[:, 0], ctx.length - 1]
+        carry = dict(
+            token=jnp.zeros((batch, c), jnp.int32).at[:, 0].set(root),               # [B, C]
+            parent=jnp.full((batch, c), -1, jnp.int32),                              # candidate id
+            score=jnp.full((batch, c), -jnp.inf, jnp.float32).at[:, 0].set(0.0),     # path log p
+            logp=jnp.zeros((batch, c), jnp.float32),                                 # own log p
+            fed=jnp.full((batch, c), -1, jnp.int32),                                 # index among fed
+            fed_token=jnp.zeros((batch, max(e, 1)), jnp.int32),                      # [B, E]
+            fed_parent=jnp.full((batch, max(e, 1)), -1, jnp.int32),                  # -1: the root
+            fed_depth=jnp.ones((batch, max(e, 1)), jnp.int32),
+            fed_hidden=jnp.zeros((batch, max(e, 1), dim), h_root.dtype))             # [B, E, D]
+
+        def children(carry, depth, expanded, h_new):
+            """Candidates at `depth` + 1: the top_k head tokens under each of the expanded
+            candidates (ids [B, m]) whose predicted features are h_new [B, m, D]."""
+            logp = jax.nn.log_softmax(head_logits(head, h_new).astype(jnp.float32), axis=-1)
+            top_logp, top_index = jax.lax.top_k(logp, k)                             # [B, m, k]
+            m = h_new.shape[1]
+            span = level_start(depth + 1) + np.arange(m * k)
+            parent_ids = jnp.repeat(expanded, k, axis=1)                             # [B, m*k]
+            parent_score = jnp.take_along_axis(carry["score"], parent_ids, axis=1)
+            return dict(carry,
+                        token=carry["token"].at[:, span].set(
+                            head_ids[top_index].reshape(batch, m * k)),
+                        parent=carry["parent"].at[:, span].set(parent_ids),
+                        logp=carry["logp"].at[:, span].set(top_logp.reshape(batch, m * k)),
+                        score=carry["score"].at[:, span].set(
+                            parent_score + top_logp.reshape(batch, m * k)))
+
+        def expand(depth, carry):
+            """Feed the top_k candidates at `depth` (with the expanded ones above) and add their
+            children."""
+            start = level_start(depth)
+            count = k if depth == 1 else k * k
+            _, pick = jax.lax.top_k(carry["score"][:, start:start + count], k)      # [B, k]
+            expanded = start + pick                                                  # [B, k]
+            new = (depth - 1) * k + np.arange(k)                                     # fed slots
+            end = depth * k
+            parent_fed = carry["fed"][rows, carry["parent"][rows, expanded]]         # [B, k]
+            fed_token = carry["fed_token"].at[:, new].set(carry["token"][rows, expanded])
+            fed_parent = carry["fed_parent"].at[:, new].set(parent_fed)
+            fed_depth = carry["fed_depth"].at[:, new].set(depth)
+            parent_h = jnp.where(
+                (fed_parent[:, :end] < 0)[..., None], h_root[:, None],
+                jnp.take_along_axis(carry["fed_hidden"],
+                                    jnp.maximum(fed_parent[:, :end], 0)[..., None], axis=1))
+            inputs = draft_features(self.params, self.config, parent_h, embed[fed_token[:, :end]])
+            mask = ancestors_of(fed_parent[:, :end], depth)                          # [B, T, T]
+            positions = committed[:, None] + fed_depth[:, :end] - 1
+            fed_out, _ = layer_step(self.params, self.config, inputs, cache, positions, mask)
+            carry = dict(carry, fed=carry["fed"].at[rows, expanded].set(
+                             jnp.asarray(new, jnp.int32)[None, :]),
+                         fed_token=fed_token, fed_parent=fed_parent, fed_depth=fed_depth,
+                         fed_hidden=carry["fed_hidden"].at[:, :end].set(fed_out))
+            return children(carry, depth, expanded, fed_out[:, new])
+
+        carry = children(carry, 0, jnp.zeros((batch, 1), jnp.int32), h_root[:, None])
+        for depth in range(1, max_depth):
+            if self.stop_below is None:
+                carry = expand(depth, carry)
+            else:  # skip the level (and so every deeper one) when no row is likely to get there
+                start = level_start(depth)
+                best = jnp.max(carry["score"][:, start:start + (k if depth == 1 else k * k)], axis=1)
+                best = jnp.where(ctx.active, best, -jnp.inf)
+                carry = jax.lax.cond(jnp.max(best) >= math.log(max(self.stop_below, 1e-30)),
+                                     functools.partial(expand, depth), lambda c: c, carry)
+        # Keep the best `budget` candidates, best first; a stable sort puts a parent (higher or
+        # equal score, smaller id) before its children, so node i's parent is a node < i.
+        order = jnp.argsort(-carry["score"][:, 1:], axis=1, stable=True)[:, :budget] + 1
+        node = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), order.astype(jnp.int32)], 1)
+        n = budget + 1
+        index_of = jnp.full((batch, c), -1, jnp.int32).at[rows, node].set(
+            jnp.arange(n, dtype=jnp.int32)[None, :])
+        parents = jnp.take_along_axis(index_of, jnp.maximum(carry["parent"][rows, node], 0), axis=1)
+        parents = parents.at[:, 0].set(-1)
+        score = carry["score"][rows, node]
+        valid = (jnp.isfinite(score) & ctx.active[:, None]).at[:, 0].set(True)
+        confidence = jnp.exp(carry["logp"][rows, node]).at[:, 0].set(1.0)
+        return Draft(tokens=carry["token"][rows, node], parents=parents, valid=valid, q=None,
+                     confidence=confidence)
 
     def commit(self, state: EagleState, ctx: Context, draft: Draft, verdict, target_logits,
                target_hidden=None):
