@@ -127,7 +127,7 @@ def methods(draft, mesh: str | None = None):
     }
     # The tree drafters from the trees work, when present.
     if hasattr(js, "TokenRecycling"):
-        table["token_recycling"] = (js.TokenRecycling(), greedy, ("2x4",))
+        table["token_recycling"] = (js.TokenRecycling(sizing=None), greedy, ("2x4",))
     if "tree" in getattr(js.DraftModel, "__dataclass_fields__", {}):
         table["draft_tree"] = (js.DraftModel(draft, tree=trees.kary(2, 2)), greedy, ("2x4",))
     return {name: (d, s) for name, (d, s, where) in table.items()

@@ -63,7 +63,9 @@ def method_table(target) -> dict:
     methods = {"autoregressive": None,
                "prompt_lookup": js.PromptLookup(ngram=3, num_tokens=8),
                "prompt_lookup_tree": js.PromptLookup(ngram=3, num_tokens=8, num_candidates=4),
-               "token_recycling_80": js.TokenRecycling(k=8, tree=js.trees.TOKEN_RECYCLING_80)}
+               "token_recycling_80": js.TokenRecycling(k=8, tree=js.trees.TOKEN_RECYCLING_80),
+               "token_recycling_80_fixed": js.TokenRecycling(k=8, tree=js.trees.TOKEN_RECYCLING_80,
+                                                             sizing=None)}
     drafter = js.default_drafter(target)
     if isinstance(drafter, js.Eagle):
         for k in (2, 3, 5):

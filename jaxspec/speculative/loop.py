@@ -273,6 +273,9 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
             last = jnp.take_along_axis(verdict.path, accepted[:, None], axis=1)[:, 0]
             moved = constraints.advance(constraint, node_state[rows, last], verdict.next_token)
             dfa = jnp.where(active, moved, dfa)
+        # The drafter is told which of its nodes the target scored: those past the round's
+        # verify size are marked invalid (their target logits are padding).
+        proposed = proposed.replace(valid=proposed.valid & (jnp.arange(n)[None, :] < verified))
         if uses_hidden:
             dstate = drafter.commit(dstate, ctx, proposed, verdict, target_logits,
                                     target_hidden=target_hidden)

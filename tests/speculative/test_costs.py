@@ -750,3 +750,80 @@ def test_prompt_lookup_rate_sized_sampled_law():
           f"{drafted.mean():.2f}, accepted {accepted.mean():.2f}")
     assert cells >= 20 and (drafted == 0).any() and (drafted > 0).any() and (accepted > 0).any()
     assert pvalue > 1e-3
+
+
+# -- 7. TokenRecycling: sized by its past acceptance rate -------------------------------------
+
+TR_TREE = js.trees.kary(3, 2)       # 13 nodes, breadth first: sizes 1, 2, 4, 8, 13
+
+
+def _recycling(sizing):
+    drafter = js.TokenRecycling(k=3, tree=TR_TREE)
+    if sizing in ("plain", "full"):
+        sizing = _sized_table(TR_TREE.num_nodes, {"plain": PLAIN, "full": FULL}[sizing])
+    return drafter.replace(sizing=sizing)
+
+
+@pytest.mark.parametrize("sizing", [None, "auto", "plain", "full",
+                                    {1: 1.0, 2: 1.05, 4: 1.4, 8: 1.6, 13: 2.5}])
+def test_token_recycling_greedy_identical_under_every_sizing(sizing, target, _isolated_cost_cache):
+    prompts = PL_PROMPTS + [list(range(1, 12)) * 2]
+    ref = js.generate(target, prompts, max_new_tokens=16)
+    out = js.generate(target, prompts, max_new_tokens=16, drafter=_recycling(sizing))
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_array_equal(out.lengths, ref.lengths)
+    unsized = js.generate(target, prompts, max_new_tokens=16, drafter=_recycling(None))
+    drafted = np.asarray(out.stats["drafted"])
+    assert sum(unsized.stats["accepted"]) > 0
+    if sizing == "plain":        # size 1 always wins: every round a plain step
+        assert drafted.sum() == 0
+        np.testing.assert_array_equal(out.stats["target_steps"], 16)
+    if sizing in (None, "full"):  # the whole tree every round
+        for key in ("drafted", "accepted", "target_steps"):
+            assert out.stats[key] == unsized.stats[key], key
+    if isinstance(sizing, dict):  # a cheap small prefix: verified less than the whole tree
+        assert 0 < drafted.sum() < sum(unsized.stats["drafted"])
+
+
+def test_token_recycling_learns_only_from_verified_nodes(target):
+    """Every round sized to a plain step (root only): the matrix must then be exactly the
+    prefill's update plus one update per root, i.e. update_matrix over the whole sequence but its
+    last token with the target's logits there. A commit that also read the unverified nodes'
+    (zero-padded) logits would set their tokens' rows to top-k of zeros."""
+    from jaxspec.models.transformer import forward_train
+    from jaxspec.speculative.drafters.token_recycling import update_matrix
+
+    drafter = _recycling("plain")
+    prompt = [3, 9, 3, 9, 5, 17, 2]
+    tokens = jnp.asarray([prompt], jnp.int32)
+    lengths = jnp.asarray([len(prompt)], jnp.int32)
+    out, state = jax.jit(lambda d, t, l: generate_tokens(target, d, t, l, 12, Sampling(),
+                                                         jax.random.PRNGKey(0)))(drafter, tokens, lengths)
+    assert int(out.drafted[0]) == 0 and int(out.lengths[0]) == 12
+    seq = jnp.asarray([prompt + np.asarray(out.tokens[0]).tolist()], jnp.int32)   # [1, 19]
+    logits, _ = forward_train(target.params, target.config, seq[:, :-1])
+    want = update_matrix(jnp.zeros((target.config.vocab_size, 3), jnp.int32), seq[:, :-1], logits,
+                         jnp.ones(seq[:, :-1].shape, bool))
+    np.testing.assert_array_equal(np.asarray(state.matrix), np.asarray(want))
+
+
+def test_token_recycling_rate_sized_sampled_law():
+    """Token Recycling sized by past acceptance rates under sampling (sizes (1, 2, 4, 13) at ms
+    (1, 1.45, 1.75, 3)): the first three tokens keep the target's exact law (seeded chi-square,
+    one run per row), with both accepted drafts and rejections."""
+    target, _ = small_models(SMALL_VOCAB)
+    drafter = js.TokenRecycling(k=3, tree=TR_TREE,
+                                sizing=CostModel(sizes=(1, 2, 4, 13), ms=(1.0, 1.45, 1.75, 3.0)))
+    pvalue, cells, drafted, accepted = _law_test(target, drafter, seed=17)
+    print(f"token recycling, rate-sized: p={pvalue:.3g} over {cells} cells, drafted "
+          f"{drafted.mean():.2f}, accepted {accepted.mean():.2f}")
+    assert cells >= 20 and (accepted == 0).any() and (accepted > 0).any()
+    assert len(set(drafted.tolist())) > 1          # rounds of different sizes
+    assert pvalue > 1e-3
+
+
+def test_token_recycling_sizing_refusal():
+    with pytest.raises(ValueError, match=r"sizing must be 'auto', None, a "
+                                         r"jaxspec.speculative.costs.CostModel or a \{new tokens: "
+                                         r"ms\} dict, got 'fast'"):
+        js.TokenRecycling(sizing="fast")

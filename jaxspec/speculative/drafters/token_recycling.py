@@ -13,6 +13,12 @@ child rank r under a node with token t gets token M[t, r]. Drafts carry no q: ve
 "greedy" at temperature 0 and the multi-draft rule with one-hot proposals otherwise, which is
 lossless for any deterministic draft. A token that was never seen has an all-zero row (token 0 is
 proposed under it: harmless, merely rejected).
+
+Sizing (`sizing="auto"`, the default): the draft carries no confidence, so the loop picks each
+round's verify size from the row's past acceptance rate of node 1 and the measured cost curve,
+as for prompt lookup (costs.choose_size_by_rate); only the verified nodes refresh M (the loop
+marks the others invalid in the draft it hands back to `commit`). The template is in
+breadth-first order, so a prefix below 1 + (root's children) is one level deep.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import numpy as np
 from flax import struct
 
 from jaxspec.models.transformer import Model, forward_train
+from jaxspec.speculative.costs import checked_sizing
 from jaxspec.speculative.draft import Context, Draft
 from jaxspec.speculative.trees import TOKEN_RECYCLING_80, TreeSpec
 
@@ -59,13 +66,22 @@ class TokenRecycling:
     """Training-free drafter (Luo et al. 2024): the target's own recent top-k successors of each
     token, recycled into a static draft tree (`tree`, 80 nodes by default; `k` successors kept
     per token). Deterministic, so lossless under every rule. Pass `drafter_state=out.drafter_state`
-    to keep the matrix across calls. Wide trees pay on accelerators, not on CPUs.
+    to keep the matrix across calls. Wide trees pay on accelerators, not on CPUs; `sizing`
+    ("auto" by default) verifies only as much of the tree per round as the measured cost curve and
+    the row's past acceptance justify (docs/sizing.md).
     """
 
     k: int = struct.field(pytree_node=False, default=8)
     tree: TreeSpec = struct.field(pytree_node=False, default=TOKEN_RECYCLING_80)
+    # Per-round verify size from the target's measured cost curve and this row's past acceptance
+    # rate: "auto" (js.generate measures the curve once and caches it), a costs.CostModel or a
+    # {new tokens: ms} table, or None (verify the whole tree every round).
+    sizing: object = struct.field(pytree_node=False, default="auto")
+
+    drafts_confidence = False   # sized by past acceptance rates, greedy or not (loop.py)
 
     def __post_init__(self):
+        object.__setattr__(self, "sizing", checked_sizing(self.sizing))
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k must be an integer >= 1 (successors kept per token), got {self.k!r}")
         if not isinstance(self.tree, TreeSpec):
