@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 
 DEFAULT_CACHE_LEN = 256
+MEASURE_VERSION = 2   # part of the on-disk cache key: 2 = sizes timed in interleaved rounds
+_clock = time.perf_counter   # the timer `measure` reads (a test substitutes a fake clock)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +225,7 @@ def _cache_file(target, batch: int, sizes) -> Path:
     device = jax.devices()[0]
     key = json.dumps([repr(target.config), str(target.dtype), jax.default_backend(),
                       getattr(device, "device_kind", ""), batch, list(sizes), DEFAULT_CACHE_LEN,
-                      os.cpu_count()])
+                      os.cpu_count(), MEASURE_VERSION])
     return cache_dir() / "costs" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
 
 
@@ -231,6 +233,10 @@ def measure(target, batch: int = 1, sizes=(1, 2, 4, 8, 16, 32, 64), repeats: int
             cache_len: int = DEFAULT_CACHE_LEN, capacity: int | None = None) -> CostModel:
     """Median forward time (ms) for T new tokens against a cache of cache_len tokens.
 
+    Every size is compiled and run once first; then `repeats` rounds time each size once, in
+    turn, so a burst of load on a shared machine shifts every size alike instead of one size's
+    whole sample (sizes timed one after another gave a 1-token step 30% dearer than the same
+    run's plain decode steps, and dearer than 2 tokens, on the 2-core CPU).
     capacity: the cache's slot count (default cache_len + max(sizes)); pass one fixed value to
     measure sizes one at a time against the same buffer."""
     from jaxspec.models.cache import KVCache
@@ -242,25 +248,24 @@ def measure(target, batch: int = 1, sizes=(1, 2, 4, 8, 16, 32, 64), repeats: int
     if capacity is not None and capacity < cache_len + max(sizes):
         raise ValueError(f"a cache of {capacity} slots cannot hold {cache_len} committed tokens "
                          f"and {max(sizes)} new ones")
-    ms = []
-    for t in sizes:
-        def step(model, tokens, cache, t=t):
-            positions = cache.lengths[:, None] + jnp.arange(t)[None, :]
-            logits, _, cache = forward(model, tokens, cache, positions)
-            return logits[:, -1].sum(), cache.k.sum()
+    def step(model, tokens, cache):
+        positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1])[None, :]
+        logits, _, cache = forward(model, tokens, cache, positions)
+        return logits[:, -1].sum(), cache.k.sum()
 
-        cache = KVCache.create(model.config, batch, capacity or cache_len + max(sizes), model.dtype)
-        cache = cache.replace(lengths=jnp.full((batch,), cache_len, jnp.int32))
-        tokens = jnp.ones((batch, t), jnp.int32)
-        fn = jax.jit(step)
+    fn = jax.jit(step)                                     # one compilation per size
+    cache = KVCache.create(model.config, batch, capacity or cache_len + max(sizes), model.dtype)
+    cache = cache.replace(lengths=jnp.full((batch,), cache_len, jnp.int32))
+    inputs = [jnp.ones((batch, t), jnp.int32) for t in sizes]
+    for tokens in inputs:                                  # compile and warm every size
         jax.block_until_ready(fn(model, tokens, cache))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
+    times = [[] for _ in sizes]
+    for _ in range(repeats):
+        for i, tokens in enumerate(inputs):
+            start = _clock()
             jax.block_until_ready(fn(model, tokens, cache))
-            times.append(time.perf_counter() - start)
-        ms.append(1000 * statistics.median(times))
-    return CostModel(sizes=tuple(sizes), ms=tuple(ms))
+            times[i].append(_clock() - start)
+    return CostModel(sizes=tuple(sizes), ms=tuple(1000 * statistics.median(t) for t in times))
 
 
 def calibrate(target, batch: int = 1, sizes=(1, 2, 4, 8, 16, 32, 64), table=None,

@@ -322,6 +322,24 @@ def test_measure_a_tiny_target(tiny):
     assert all(np.isfinite(m) and 0 < m < 60_000 for m in model.ms), model.ms
 
 
+def test_measure_interleaves_the_sizes(tiny, monkeypatch):
+    """A burst of load during the first three timed forwards (a fake clock: those take 10 ms,
+    the rest 1 ms) must not land on one size: timed in turn, both sizes' medians are 1 ms
+    (timed one size after the other, the 1-token size's median would be 10 ms)."""
+    clock = {"now": 0.0, "calls": 0}
+
+    def fake_perf_counter():
+        clock["calls"] += 1
+        if clock["calls"] % 2 == 0:                        # the end of a timed interval
+            clock["now"] += 0.010 if clock["calls"] // 2 <= 3 else 0.001
+        return clock["now"]
+
+    monkeypatch.setattr(costs, "_clock", fake_perf_counter)
+    model = costs.measure(tiny.make_model(0), sizes=(1, 2), repeats=5, cache_len=16)
+    assert clock["calls"] == 2 * 2 * 5
+    assert model.ms == pytest.approx((1.0, 1.0))
+
+
 def test_measure_one_size_at_a_time_against_a_fixed_capacity(tiny):
     """capacity= keeps one buffer size for every T (the device suite measures T by T)."""
     model = costs.measure(tiny.make_model(0), sizes=(2,), repeats=1, cache_len=16, capacity=24)

@@ -137,6 +137,21 @@ class TokenRecycling:
 
     def commit(self, state: TokenRecyclingState, ctx: Context, draft: Draft, verdict,
                target_logits):
-        """Refresh M at every node the target scored. target_logits: [B, N, V]."""
-        use = draft.valid & ctx.active[:, None]
-        return state.replace(matrix=update_matrix(state.matrix, draft.tokens, target_logits, use))
+        """Refresh M at every node the target scored. target_logits: [B, N, V].
+
+        A sized round scores a prefix of the nodes (the loop marks the rest invalid), so the
+        top-k runs only over the smallest static prefix (1, 2, 4, ..., N) that holds every used
+        node: on SmolLM2 a top-8 over 81 x 49152 logits every round cost more than a plain step's
+        tenth, for rounds that had verified one or two nodes."""
+        use = draft.valid & ctx.active[:, None]                                   # [B, N]
+        n = draft.tokens.shape[1]
+        needed = jnp.max(jnp.where(use, jnp.arange(1, n + 1)[None, :], 0))        # nodes to read
+        sizes, s = [], 1
+        while s < n:
+            sizes.append(s)
+            s *= 2
+        sizes.append(n)
+        branches = [lambda m, s=s: update_matrix(m, draft.tokens[:, :s], target_logits[:, :s],
+                                                 use[:, :s]) for s in sizes]
+        index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), needed)
+        return state.replace(matrix=jax.lax.switch(index, branches, state.matrix))
