@@ -1,0 +1,97 @@
+"""What a speculative round costs beyond the target's forward: rounds sized to one node.
+
+Usage: python benchmarks/size1_round_overhead.py [--repeats 5] [--out benchmarks]
+
+Each drafter gets a cost table under which size 1 always wins, so every round of its sized
+program is a plain decode step inside the speculative loop (the drafter still drafts, the loop
+still does its bookkeeping). ms per target step, against the autoregressive program on the same
+chat prompt (SmolLM2-135M-Instruct, greedy, 64 new tokens), methods interleaved, medians. The
+difference is the fixed per-round overhead issue 12 bounds at 5% of a step (drafting included
+here; `jaxspec bench --profile` splits the drafting out). Eagle's whole chain of 2
+(sizing=None) is the reference for a round that verifies its draft.
+Writes size1_round_overhead.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxspec.bench.report import markdown_table, write_report
+
+PROMPT = [[{"role": "user", "content": "Write a short story about a lighthouse keeper who finds "
+                                       "a message in a bottle."}]]
+
+
+def size_one_table(num_nodes: int):
+    """A CostModel at the sizes js.generate would compile (1, 2, 4, 8 below n, and n) pricing
+    every size but 1 out of reach."""
+    from jaxspec.speculative.costs import CostModel
+
+    sizes = tuple(s for s in (1, 2, 4, 8) if s < num_nodes) + (num_nodes,)
+    return CostModel(sizes=sizes, ms=(1.0,) + (100.0,) * (len(sizes) - 1))
+
+
+def main(argv=None) -> int:
+    import jaxspec as js
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="benchmarks")
+    args = parser.parse_args(argv)
+    target = js.load("smollm2-135m-instruct")
+    eagle = js.default_drafter(target).with_tree(num_tokens=2)
+    methods = {
+        "autoregressive": None,
+        "prompt lookup (8 tokens), size 1": js.PromptLookup(ngram=3, num_tokens=8,
+                                                            sizing=size_one_table(9)),
+        "Eagle chain of 2, size 1": eagle.replace(sizing=size_one_table(3), stop_below=None),
+        "Medusa chain of 2, size 1": None,
+        "Token Recycling (81 nodes), size 1": js.TokenRecycling(sizing=size_one_table(81)),
+        "Eagle chain of 2, whole chain": eagle.replace(sizing=None),
+    }
+    from jaxspec.speculative.default import shipped_drafter
+
+    medusa = shipped_drafter(target, "medusa")
+    if medusa is None:
+        methods.pop("Medusa chain of 2, size 1")
+    else:
+        methods["Medusa chain of 2, size 1"] = medusa.with_tree(num_tokens=2).replace(
+            sizing=size_one_table(3))
+    for drafter in methods.values():                    # compile every program first
+        js.generate(target, PROMPT, max_new_tokens=64, drafter=drafter)
+    ms = {name: [] for name in methods}
+    accepted = {}
+    for _ in range(args.repeats):
+        for name, drafter in methods.items():
+            out = js.generate(target, PROMPT, max_new_tokens=64, drafter=drafter)
+            ms[name].append(1000 * out.stats["seconds"] / int(np.sum(out.stats["target_steps"])))
+            accepted[name] = out.stats["mean_accepted"]
+    median = {name: statistics.median(v) for name, v in ms.items()}
+    step = median["autoregressive"]
+    meta = dict(device=f"{platform.machine()} CPU x{jax.device_count()}", jax=jax.__version__,
+                model="smollm2-135m-instruct", date=time.strftime("%Y-%m-%d"),
+                repeats=args.repeats)
+    lines = [f"# Per-round overhead of the speculative loop ({meta['device']}, jax {meta['jax']}, "
+             f"{meta['date']})", "",
+             "Written by `python benchmarks/size1_round_overhead.py`: ms per target step, medians "
+             f"of {args.repeats} interleaved runs of 64 new tokens on one chat prompt.", ""]
+    lines += markdown_table(
+        ["method", "ms per target step", "over a plain step (ms)", "share of a plain step",
+         "mean accepted"],
+        [[name, f"{median[name]:.2f}", "" if name == "autoregressive" else f"{median[name] - step:+.2f}",
+          "" if name == "autoregressive" else f"{(median[name] - step) / step:+.1%}",
+          f"{accepted[name]:.2f}"] for name in methods])
+    write_report(Path(args.out), "size1_round_overhead",
+                 dict(meta=meta, ms=ms, median=median, mean_accepted=accepted), lines)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
