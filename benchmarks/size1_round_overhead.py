@@ -7,7 +7,9 @@ program is a plain decode step inside the speculative loop (the drafter still dr
 still does its bookkeeping). ms per target step, against the autoregressive program on the same
 chat prompt (SmolLM2-135M-Instruct, greedy, 64 new tokens), methods interleaved, medians. The
 difference is the fixed per-round overhead issue 12 bounds at 5% of a step (drafting included
-here; `jaxspec bench --profile` splits the drafting out). Eagle's whole chain of 2
+here; `jaxspec bench --profile` splits the drafting out; Eagle with its default stop_below,
+which skips the second draft level when the first node's probability is below 0.1, and with
+stop_below=None, which drafts both levels every round). Eagle's whole chain of 2
 (sizing=None) is the reference for a round that verifies its draft.
 Writes size1_round_overhead.{json,md}.
 """
@@ -51,7 +53,9 @@ def main(argv=None) -> int:
         "autoregressive": None,
         "prompt lookup (8 tokens), size 1": js.PromptLookup(ngram=3, num_tokens=8,
                                                             sizing=size_one_table(9)),
-        "Eagle chain of 2, size 1": eagle.replace(sizing=size_one_table(3), stop_below=None),
+        "Eagle chain of 2, size 1": eagle.replace(sizing=size_one_table(3)),
+        "Eagle chain of 2, size 1, stop_below=None": eagle.replace(sizing=size_one_table(3),
+                                                                   stop_below=None),
         "Medusa chain of 2, size 1": None,
         "Token Recycling (81 nodes), size 1": js.TokenRecycling(sizing=size_one_table(81)),
         "Eagle chain of 2, whole chain": eagle.replace(sizing=None),
