@@ -715,24 +715,6 @@ def _lookup(sizing, num_tokens=4):
     return drafter.replace(sizing=sizing)
 
 
-@pytest.mark.parametrize("sizing", [None, "auto", "plain", "full",
-                                    {1: 1.0, 2: 1.05, 4: 1.4, 5: 1.6}])
-def test_prompt_lookup_greedy_identical_under_every_sizing(sizing, target, _isolated_cost_cache):
-    ref = js.generate(target, PL_PROMPTS, max_new_tokens=16)
-    out = js.generate(target, PL_PROMPTS, max_new_tokens=16, drafter=_lookup(sizing))
-    np.testing.assert_array_equal(out.tokens, ref.tokens)
-    np.testing.assert_array_equal(out.lengths, ref.lengths)
-    unsized = js.generate(target, PL_PROMPTS, max_new_tokens=16, drafter=_lookup(None))
-    drafted = np.asarray(out.stats["drafted"])
-    assert sum(unsized.stats["drafted"]) > 0                 # the repetitive rows do match
-    if sizing == "plain":        # size 1 always wins: every round a plain step
-        assert drafted.sum() == 0
-        np.testing.assert_array_equal(out.stats["target_steps"], 16)
-    if sizing in (None, "full"):  # every match verified whole
-        for key in ("drafted", "accepted", "target_steps"):
-            assert out.stats[key] == unsized.stats[key], key
-
-
 def test_prompt_lookup_sizing_refusal():
     with pytest.raises(ValueError, match=r"sizing must be 'auto', None, a "
                                          r"jaxspec.speculative.costs.CostModel or a \{new tokens: "
@@ -782,27 +764,6 @@ def _recycling(sizing):
     return drafter.replace(sizing=sizing)
 
 
-@pytest.mark.parametrize("sizing", [None, "auto", "plain", "full",
-                                    {1: 1.0, 2: 1.05, 4: 1.4, 8: 1.6, 13: 2.5}])
-def test_token_recycling_greedy_identical_under_every_sizing(sizing, target, _isolated_cost_cache):
-    prompts = PL_PROMPTS + [list(range(1, 12)) * 2]
-    ref = js.generate(target, prompts, max_new_tokens=16)
-    out = js.generate(target, prompts, max_new_tokens=16, drafter=_recycling(sizing))
-    np.testing.assert_array_equal(out.tokens, ref.tokens)
-    np.testing.assert_array_equal(out.lengths, ref.lengths)
-    unsized = js.generate(target, prompts, max_new_tokens=16, drafter=_recycling(None))
-    drafted = np.asarray(out.stats["drafted"])
-    assert sum(unsized.stats["accepted"]) > 0
-    if sizing == "plain":        # size 1 always wins: every round a plain step
-        assert drafted.sum() == 0
-        np.testing.assert_array_equal(out.stats["target_steps"], 16)
-    if sizing in (None, "full"):  # the whole tree every round
-        for key in ("drafted", "accepted", "target_steps"):
-            assert out.stats[key] == unsized.stats[key], key
-    if isinstance(sizing, dict):  # a cheap small prefix: verified less than the whole tree
-        assert 0 < drafted.sum() < sum(unsized.stats["drafted"])
-
-
 def test_token_recycling_learns_only_from_verified_nodes(target):
     """Every round sized to a plain step (root only): the matrix must then be exactly the
     prefill's update plus one update per root, i.e. update_matrix over the whole sequence but its
@@ -845,3 +806,34 @@ def test_token_recycling_sizing_refusal():
                                          r"jaxspec.speculative.costs.CostModel or a \{new tokens: "
                                          r"ms\} dict, got 'fast'"):
         js.TokenRecycling(sizing="fast")
+
+
+# -- prompt lookup and Token Recycling: greedy output under every sizing ----------------------
+
+RATE_SIZED = {   # drafter factory, prompts, a cost table cheap enough for small prefixes
+    "prompt_lookup": (_lookup, PL_PROMPTS, {1: 1.0, 2: 1.05, 4: 1.4, 5: 1.6}),
+    "token_recycling": (_recycling, PL_PROMPTS + [list(range(1, 12)) * 2],
+                        {1: 1.0, 2: 1.05, 4: 1.4, 8: 1.6, 13: 2.5}),
+}
+
+
+@pytest.mark.parametrize("kind, sizing", [(kind, sizing) for kind in RATE_SIZED
+                                          for sizing in (None, "auto", "plain", "full", "table")])
+def test_rate_sized_greedy_identical_under_every_sizing(kind, sizing, target, _isolated_cost_cache):
+    make, prompts, table = RATE_SIZED[kind]
+    ref = js.generate(target, prompts, max_new_tokens=16)
+    out = js.generate(target, prompts, max_new_tokens=16,
+                      drafter=make(table if sizing == "table" else sizing))
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_array_equal(out.lengths, ref.lengths)
+    unsized = js.generate(target, prompts, max_new_tokens=16, drafter=make(None))
+    drafted = np.asarray(out.stats["drafted"])
+    assert sum(unsized.stats["drafted"]) > 0 and sum(unsized.stats["accepted"]) > 0
+    if sizing == "plain":        # size 1 always wins: every round a plain step
+        assert drafted.sum() == 0
+        np.testing.assert_array_equal(out.stats["target_steps"], 16)
+    if sizing in (None, "full"):  # the whole draft every round
+        for key in ("drafted", "accepted", "target_steps"):
+            assert out.stats[key] == unsized.stats[key], key
+    if sizing == "table" and kind == "token_recycling":  # small prefixes: less than the template
+        assert 0 < drafted.sum() < sum(unsized.stats["drafted"])
