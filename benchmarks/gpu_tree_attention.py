@@ -115,8 +115,8 @@ def ragged_inputs(seed, *, t, q_heads, kv_heads, head_dim, slots, batch, dtype, 
     rng = np.random.default_rng(seed)
     keys = jax.random.split(jax.random.key(seed), 3)
     q = jax.random.normal(keys[0], (batch, t, q_heads, head_dim), dtype)
-    k = jax.random.normal(keys[1], (batch, slots, kv_heads, head_dim), dtype)
-    v = jax.random.normal(keys[2], (batch, slots, kv_heads, head_dim), dtype)
+    k = jax.random.normal(keys[1], (batch, kv_heads, slots, head_dim), dtype)
+    v = jax.random.normal(keys[2], (batch, kv_heads, slots, head_dim), dtype)
     lengths = [0, slots - t] + [int(rng.integers(0, slots - t + 1)) for _ in range(batch - 2)]
     lengths = jnp.asarray(lengths[:batch], jnp.int32)
     if mask_kind == "chain":
@@ -156,8 +156,8 @@ def lower_case_for_cuda(case) -> dict:
     t, q_heads, kv_heads, head_dim, slots, batch, dtype, _, kwargs = case
     dtype = jnp.dtype(dtype)
     args = (jax.ShapeDtypeStruct((batch, t, q_heads, head_dim), dtype),
-            jax.ShapeDtypeStruct((batch, slots, kv_heads, head_dim), dtype),
-            jax.ShapeDtypeStruct((batch, slots, kv_heads, head_dim), dtype),
+            jax.ShapeDtypeStruct((batch, kv_heads, slots, head_dim), dtype),
+            jax.ShapeDtypeStruct((batch, kv_heads, slots, head_dim), dtype),
             jax.ShapeDtypeStruct((batch,), jnp.int32),
             jax.ShapeDtypeStruct((batch, t, t), jnp.bool_))
     fn = jax.jit(lambda *a: tree_attention(*a, scale=1.0 / math.sqrt(head_dim), backend="gpu",
@@ -173,8 +173,8 @@ def make_inputs(batch, context, t, q_heads, kv_heads, head_dim, seed=0):
     capacity = -(-(context + t) // 256) * 256
     keys = jax.random.split(jax.random.key(seed), 3)
     q = jax.random.normal(keys[0], (batch, t, q_heads, head_dim), jnp.bfloat16)   # [B, T, Hq, D]
-    k = jax.random.normal(keys[1], (batch, capacity, kv_heads, head_dim), jnp.bfloat16)
-    v = jax.random.normal(keys[2], (batch, capacity, kv_heads, head_dim), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (batch, kv_heads, capacity, head_dim), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (batch, kv_heads, capacity, head_dim), jnp.bfloat16)
     lengths = jnp.full((batch,), context, jnp.int32)                               # [B]
     return (q, k, v, lengths, tree_mask(rng, batch, t)), capacity
 

@@ -1,7 +1,11 @@
 """The one place that picks an attention implementation.
 
 Semantics shared by every implementation (the contract the Pallas kernels are tested against):
-row b's T new queries attend to
+Layout: q and the new tokens' K/V are token-major, [B, T, H, D]; a cache layer's k, v are
+head-major, [B, Hkv, S, D] (the KVCache layout), so both products batch over (B, Hkv) with the
+cache operand as it lies: no per-step transposed copy of the cache.
+
+Row b's T new queries attend to
   * every committed cache slot s < lengths[b], and
   * new-token slot lengths[b] + j when mask[b, t, j] is true (the new tokens' K/V are already
     written at slots [lengths[b], lengths[b] + T)).
@@ -61,16 +65,28 @@ def visibility(lengths: jax.Array, mask: jax.Array, max_len: int) -> jax.Array:
     return committed[:, None, :] | (in_new[:, None, :] & gathered)
 
 
+def _product(spec: str, a, b):
+    """einsum(spec, a, b) accumulated in float32.
+
+    On XLA:CPU, bfloat16 / float16 operands are widened first (exactly): its runtime has no
+    mixed low-precision -> float32 dot for the batched products YNNPACK does not take
+    ("Unsupported element type for DotThunk"). Elsewhere the operands go in as they are.
+    """
+    if jax.default_backend() == "cpu" and jnp.float32 not in (a.dtype, b.dtype):
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
 def xla_attention(q, k, v, lengths, mask, *, scale, sliding_window=None, query_positions=None,
                   use_window=None, softcap=None):
     """Reference attention over the whole cache buffer.
 
-    q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; lengths: [B]; mask: [B, T, T] bool.
+    q: [B, T, Hq, D]; k, v: [B, Hkv, S, D]; lengths: [B]; mask: [B, T, T] bool.
     query_positions: [B, T], needed only with sliding_window. use_window: a traced bool [] (a
     scanned layer's kind) or None.
     """
     batch, t, hq, d = q.shape
-    s, hkv = k.shape[1], k.shape[2]
+    hkv, s = k.shape[1], k.shape[2]
     groups = hq // hkv
     visible = visibility(lengths, mask, s)                                   # [B, T, S]
     if sliding_window is not None:
@@ -83,15 +99,13 @@ def xla_attention(q, k, v, lengths, mask, *, scale, sliding_window=None, query_p
             in_window |= jnp.logical_not(use_window)
         visible &= in_window
     qg = q.reshape(batch, t, hkv, groups, d)                                 # [B, T, K, G, D]
-    scores = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k,
-                        preferred_element_type=jnp.float32) * scale          # [B, K, G, T, S]
+    scores = _product("BTKGD,BKSD->BKGTS", qg, k) * scale                   # [B, K, G, T, S]
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(visible[:, None, None], scores, _NEG)
     weights = jax.nn.softmax(scores, axis=-1)
     weights = jnp.where(visible[:, None, None], weights, 0.0)
-    out = jnp.einsum("BKGTS,BSKD->BTKGD", weights.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)                     # [B, T, K, G, D]
+    out = _product("BKGTS,BKSD->BTKGD", weights.astype(v.dtype), v)         # [B, T, K, G, D]
     return out.reshape(batch, t, hq, d).astype(q.dtype)
 
 
@@ -111,12 +125,12 @@ def xla_attention_pending(q, k, v, lengths, new_k, new_v, mask, *, scale, slidin
                           query_positions=None, use_window=None, softcap=None):
     """Reference attention over committed cache slots plus K/V not yet in the cache.
 
-    q: [B, T, Hq, D]; k, v: [B, S, Hkv, D] (slots >= lengths[b] are ignored); new_k, new_v:
+    q: [B, T, Hq, D]; k, v: [B, Hkv, S, D] (slots >= lengths[b] are ignored); new_k, new_v:
     [B, T, Hkv, D] the new tokens' own K/V; mask: [B, T, T] among them. One softmax over the
     scores of both parts (concatenated: [B, K, G, T, S + T]); no copy of the cache.
     """
     batch, t, hq, d = q.shape
-    s, hkv = k.shape[1], k.shape[2]
+    hkv, s = k.shape[1], k.shape[2]
     groups = hq // hkv
     committed = jnp.broadcast_to((jnp.arange(s)[None, :] < lengths[:, None])[:, None, :],
                                  (batch, t, s))                             # [B, T, S]
@@ -131,24 +145,22 @@ def xla_attention_pending(q, k, v, lengths, new_k, new_v, mask, *, scale, slidin
     visible = jnp.concatenate([committed, mask], axis=-1)                    # [B, T, S + T]
     qg = q.reshape(batch, t, hkv, groups, d)                                 # [B, T, K, G, D]
     scores = jnp.concatenate(
-        [jnp.einsum("BTKGD,BSKD->BKGTS", qg, k, preferred_element_type=jnp.float32),
-         jnp.einsum("BTKGD,BSKD->BKGTS", qg, new_k.astype(k.dtype),
-                    preferred_element_type=jnp.float32)], axis=-1) * scale  # [B, K, G, T, S + T]
+        [_product("BTKGD,BKSD->BKGTS", qg, k),
+         _product("BTKGD,BSKD->BKGTS", qg, new_k.astype(k.dtype))], axis=-1) * scale  # [B, K, G, T, S + T]
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(visible[:, None, None], scores, _NEG)
     weights = jax.nn.softmax(scores, axis=-1)
     weights = jnp.where(visible[:, None, None], weights, 0.0).astype(v.dtype)
-    out = (jnp.einsum("BKGTS,BSKD->BTKGD", weights[..., :s], v,
-                      preferred_element_type=jnp.float32)
-           + jnp.einsum("BKGTS,BSKD->BTKGD", weights[..., s:], new_v.astype(v.dtype),
-                        preferred_element_type=jnp.float32))                # [B, T, K, G, D]
+    out = (_product("BKGTS,BKSD->BTKGD", weights[..., :s], v)
+           + _product("BKGTS,BSKD->BTKGD", weights[..., s:], new_v.astype(v.dtype)))  # [B, T, K, G, D]
     return out.reshape(batch, t, hq, d).astype(q.dtype)
 
 
 def attention_pending(q, k, v, lengths, new_k, new_v, mask=None, *, scale, impl="auto",
                       sliding_window=None, query_positions=None, use_window=None, softcap=None):
-    """`attention` for new tokens whose K/V [B, T, Hkv, D] are not written into k, v yet.
+    """`attention` for new tokens whose K/V [B, T, Hkv, D] are not written into k, v [B, Hkv, S, D]
+    yet.
 
     The XLA implementation scores the cache and the new tokens separately (no cache copy). The
     Pallas kernel reads the new K/V from the cache buffer, so it gets a per-layer copy with them
@@ -160,10 +172,11 @@ def attention_pending(q, k, v, lengths, new_k, new_v, mask=None, *, scale, impl=
         return xla_attention_pending(q, k, v, lengths, new_k, new_v, mask, scale=scale,
                                      sliding_window=sliding_window, query_positions=query_positions,
                                      use_window=use_window, softcap=softcap)
-    rows = jnp.arange(batch)[:, None]
-    slots = lengths[:, None] + jnp.arange(t)[None, :]                        # [B, T]
-    k = k.at[rows, slots].set(new_k.astype(k.dtype), mode="drop")
-    v = v.at[rows, slots].set(new_v.astype(v.dtype), mode="drop")
+    rows = jnp.arange(batch)[:, None, None]                                  # [B, 1, 1]
+    heads = jnp.arange(k.shape[1])[None, :, None]                            # [1, Hkv, 1]
+    slots = (lengths[:, None] + jnp.arange(t)[None, :])[:, None, :]          # [B, 1, T]
+    k = k.at[rows, heads, slots].set(new_k.swapaxes(1, 2).astype(k.dtype), mode="drop")
+    v = v.at[rows, heads, slots].set(new_v.swapaxes(1, 2).astype(v.dtype), mode="drop")
     return attention(q, k, v, lengths, mask, scale=scale, impl=impl, query_positions=query_positions)
 
 
@@ -171,7 +184,7 @@ def attention(q, k, v, lengths, mask=None, *, scale, impl="auto", sliding_window
               query_positions=None, use_window=None, softcap=None):
     """Attention of T new queries over a KV cache layer; see the module docstring.
 
-    q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; lengths: [B] int32; mask: [B, T, T] bool or None.
+    q: [B, T, Hq, D]; k, v: [B, Hkv, S, D]; lengths: [B] int32; mask: [B, T, T] bool or None.
     use_window: None, a Python bool or a traced bool [] (does this layer use sliding_window).
     Returns [B, T, Hq, D] in q's dtype.
     """

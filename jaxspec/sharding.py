@@ -315,10 +315,10 @@ def active_mesh() -> Mesh | None:
 
 
 def cache_spec(config, mesh: Mesh, target_config=None) -> P:
-    """KV cache [L, B, S, Hkv, Dh]: batch on "data", KV heads on "model" (the target's only)."""
+    """KV cache [L, B, Hkv, S, Dh]: batch on "data", KV heads on "model" (the target's only)."""
     heads = (target_config is None or config == target_config) and \
         config.num_kv_heads % _axis_size(mesh, MODEL) == 0
-    return P(None, DATA, None, MODEL if heads else None, None)
+    return P(None, DATA, MODEL if heads else None, None, None)
 
 
 # with_sharding_constraint on a KVCache / on batch-major arrays [B, ...] when a mesh is active

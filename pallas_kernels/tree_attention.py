@@ -39,11 +39,11 @@ grid axis instead: `vmap` of a `pallas_call` with scalar-prefetched operands fal
 Python-level loop over the batch (see jax's pallas_call batching rule), and the TPU path needs
 `lengths` scalar-prefetched. Both backends keep the same layout for symmetry.
 
-Layout costs: on GPU the cache is read in place ([B, S, Hkv, D] viewed as [B, S, Hkv * D]). On
-TPU the same view is used when D is a multiple of 128 (or Hkv == 1); otherwise a [bk, 1, D] block
-would break Mosaic's (8, 128) tiling rule and the cache is transposed to [B, Hkv, S, D] (one copy
-per call). A cache whose capacity is not a multiple of the KV block, or (GPU) a head dim that is
-not a power of two, is padded (also a copy); size caches to multiples of `block_k`.
+Layout: the cache layer is head-major, [B, Hkv, S, D] (jaxspec's KVCache layout), and both
+backends read it in place: a program's K/V block is a [block_k, D] (TPU) or [S, D] (GPU) tile of
+one (row, kv head), which satisfies Mosaic's tiling rule for any D (the last block dim is the
+whole head). A cache whose capacity is not a multiple of the KV block, or (GPU) a head dim that is
+not a power of two, is padded (a copy); size caches to multiples of `block_k`.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def _tpu_kv_block(length, split, step, *, block_k, num_splits):
 
 def _tpu_kernel(lengths_ref,           # [B] int32, SMEM (scalar prefetch)
                 q_ref,                 # [R, D] query rows, t-major then group
-                k_ref, v_ref,          # [K, D] one block of the cache
+                k_ref, v_ref,          # [bk, D] one block of the cache
                 k_new_ref, v_new_ref,  # [Tn, D] the new tokens' keys / values
                 mask_ref,              # [R, Tn] int32, tree mask per query row
                 o_ref,                 # [R, D]
@@ -241,24 +241,19 @@ def _gpu_kernel(length_ref,            # [] int32, this row's committed length
 
 
 def _check_operands(q_rows, k, k_new, mask_rows, lengths, *, block_k, block_q, num_splits):
-    """Shape checks shared by both wrappers; returns (B, Hkv, R, D, S, Tn, head_major)."""
+    """Shape checks shared by both wrappers; returns (B, Hkv, R, D, S, Tn)."""
     batch, kv_heads, rows, head_dim = q_rows.shape
-    head_major = k.ndim == 4
-    if head_major:
-        assert k.shape[:2] == (batch, kv_heads) and k.shape[3] == head_dim, (k.shape, q_rows.shape)
-        slots, new = k.shape[2], k_new.shape[2]
-        assert k_new.shape == (batch, kv_heads, new, head_dim), k_new.shape
-    else:
-        assert k.shape[0] == batch and k.shape[2] == kv_heads * head_dim, (k.shape, q_rows.shape)
-        slots, new = k.shape[1], k_new.shape[1]
-        assert k_new.shape == (batch, new, kv_heads * head_dim), k_new.shape
+    assert k.ndim == 4 and k.shape[:2] == (batch, kv_heads) and k.shape[3] == head_dim, (
+        k.shape, q_rows.shape)
+    slots, new = k.shape[2], k_new.shape[2]
+    assert k_new.shape == (batch, kv_heads, new, head_dim), k_new.shape
     assert mask_rows.shape == (batch, rows, new), (mask_rows.shape, rows, new)
     assert mask_rows.dtype == jnp.int32, mask_rows.dtype
     assert lengths.shape == (batch,) and lengths.dtype == jnp.int32, lengths
     assert rows % block_q == 0, (rows, block_q)
     assert slots % block_k == 0, (slots, block_k)
     assert 1 <= num_splits <= slots // block_k, (num_splits, slots, block_k)
-    return batch, kv_heads, rows, head_dim, slots, new, head_major
+    return batch, kv_heads, rows, head_dim, slots, new
 
 
 def _out_shapes(batch, kv_heads, num_splits, rows, head_dim, out_dtype):
@@ -270,29 +265,21 @@ def _tree_attention_tpu_call(q_rows, k, v, k_new, v_new, mask_rows, lengths, *, 
                              block_k, block_q, num_splits, out_dtype, interpret):
     """Mosaic TPU kernel over prepared operands.
 
-    q_rows: [B, Hkv, R, D]; k, v: [B, S, Hkv * D] or head-major [B, Hkv, S, D];
-    k_new, v_new: [B, Tn, Hkv * D] or [B, Hkv, Tn, D]; mask_rows: [B, R, Tn] int32;
+    q_rows: [B, Hkv, R, D]; k, v: [B, Hkv, S, D]; k_new, v_new: [B, Hkv, Tn, D];
+    mask_rows: [B, R, Tn] int32;
     lengths: [B] int32. Returns o [B, Hkv, P, R, D] (out_dtype) and lse [B, Hkv, P, R, 1] f32,
     one entry per split P.
     """
-    batch, kv_heads, rows, head_dim, slots, new, head_major = _check_operands(
+    batch, kv_heads, rows, head_dim, slots, new = _check_operands(
         q_rows, k, k_new, mask_rows, lengths,
         block_k=block_k, block_q=block_q, num_splits=num_splits)
     assert block_k % 128 == 0 and block_q % 8 == 0, (block_k, block_q)
-    assert head_major or head_dim % 128 == 0 or kv_heads == 1, (
-        "a fused [B, S, Hkv * D] cache needs D % 128 == 0 on TPU", head_dim)
     steps = pl.cdiv(slots // block_k, num_splits)  # static bound on blocks per split
     kv_block = functools.partial(_tpu_kv_block, block_k=block_k, num_splits=num_splits)
 
-    if head_major:
-        kv_spec = pl.BlockSpec((None, None, block_k, head_dim),
-                               lambda b, h, i, p, j, lens: (b, h, kv_block(lens[b], p, j), 0))
-        new_spec = pl.BlockSpec((None, None, new, head_dim),
-                                lambda b, h, i, p, j, lens: (b, h, 0, 0))
-    else:
-        kv_spec = pl.BlockSpec((None, block_k, head_dim),
-                               lambda b, h, i, p, j, lens: (b, kv_block(lens[b], p, j), h))
-        new_spec = pl.BlockSpec((None, new, head_dim), lambda b, h, i, p, j, lens: (b, 0, h))
+    kv_spec = pl.BlockSpec((None, None, block_k, head_dim),
+                           lambda b, h, i, p, j, lens: (b, h, kv_block(lens[b], p, j), 0))
+    new_spec = pl.BlockSpec((None, None, new, head_dim), lambda b, h, i, p, j, lens: (b, h, 0, 0))
 
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
@@ -333,14 +320,13 @@ def _tree_attention_gpu_call(q_rows, k, v, k_new, v_new, mask_rows, lengths, *, 
                              interpret):
     """Triton kernel over prepared operands.
 
-    q_rows: [B, Hkv, R, D]; k, v: [B, S, Hkv * D]; k_new, v_new: [B, Tn, Hkv * D];
+    q_rows: [B, Hkv, R, D]; k, v: [B, Hkv, S, D]; k_new, v_new: [B, Hkv, Tn, D];
     mask_rows: [B, R, Tn] int32; lengths: [B] int32. Returns o [B, Hkv, P, R, D] (out_dtype) and
     lse [B, Hkv, P, R, 1] f32, one entry per split P.
     """
-    batch, kv_heads, rows, head_dim, slots, new, head_major = _check_operands(
+    batch, kv_heads, rows, head_dim, slots, new = _check_operands(
         q_rows, k, k_new, mask_rows, lengths,
         block_k=block_k, block_q=block_q, num_splits=num_splits)
-    assert not head_major, "the GPU kernel reads the cache in place as [B, S, Hkv * D]"
 
     def pow2_at_least_16(n):
         return n >= 16 and n & (n - 1) == 0
@@ -356,10 +342,10 @@ def _tree_attention_gpu_call(q_rows, k, v, k_new, v_new, mask_rows, lengths, *, 
         in_specs=[
             pl.BlockSpec((None,), lambda b, h, i, p: (b,)),                           # lengths
             pl.BlockSpec((None, None, block_q, head_dim), lambda b, h, i, p: (b, h, i, 0)),
-            pl.BlockSpec((None, slots, head_dim), lambda b, h, i, p: (b, 0, h)),     # k
-            pl.BlockSpec((None, slots, head_dim), lambda b, h, i, p: (b, 0, h)),     # v
-            pl.BlockSpec((None, new, head_dim), lambda b, h, i, p: (b, 0, h)),       # k_new
-            pl.BlockSpec((None, new, head_dim), lambda b, h, i, p: (b, 0, h)),       # v_new
+            pl.BlockSpec((None, None, slots, head_dim), lambda b, h, i, p: (b, h, 0, 0)),  # k
+            pl.BlockSpec((None, None, slots, head_dim), lambda b, h, i, p: (b, h, 0, 0)),  # v
+            pl.BlockSpec((None, None, new, head_dim), lambda b, h, i, p: (b, h, 0, 0)),  # k_new
+            pl.BlockSpec((None, None, new, head_dim), lambda b, h, i, p: (b, h, 0, 0)),  # v_new
             pl.BlockSpec((None, block_q, new), lambda b, h, i, p: (b, i, 0)),        # mask
         ],
         out_specs=[
@@ -424,8 +410,8 @@ def tree_attention(q, k, v, lengths, mask, *, scale, interpret=False, backend=No
                    block_k=None, block_q=None, num_splits=None, num_warps=None, num_stages=None):
     """Attention of T new queries over a KV cache layer with a tree mask among the new tokens.
 
-    q: [B, T, Hq, D]; k, v: [B, S, Hkv, D] with the new tokens' K/V already at slots
-    [lengths[b], lengths[b] + T); lengths: [B] int32 (0 <= lengths[b] <= S - T);
+    q: [B, T, Hq, D]; k, v: [B, Hkv, S, D] (head-major, the KVCache layout) with the new tokens'
+    K/V already at slots [lengths[b], lengths[b] + T); lengths: [B] int32 (0 <= lengths[b] <= S - T);
     mask: [B, T, T] bool or 0/1 int, query t sees new token j iff mask[b, t, j].
     Returns [B, T, Hq, D] in q's dtype.
 
@@ -436,9 +422,9 @@ def tree_attention(q, k, v, lengths, mask, *, scale, interpret=False, backend=No
     """
     batch, new, q_heads, head_dim = q.shape
     if k.ndim != 4 or (k.shape[0], k.shape[3]) != (batch, head_dim) or v.shape != k.shape:
-        raise ValueError(f"k and v must both be [B, S, Hkv, D] with B = {batch}, D = {head_dim}; "
+        raise ValueError(f"k and v must both be [B, Hkv, S, D] with B = {batch}, D = {head_dim}; "
                          f"got {k.shape} and {v.shape}")
-    slots, kv_heads = k.shape[1], k.shape[2]
+    kv_heads, slots = k.shape[1], k.shape[2]
     if q_heads % kv_heads:
         raise ValueError(f"query heads ({q_heads}) must be a multiple of kv heads ({kv_heads})")
     if mask.shape != (batch, new, new):
@@ -481,7 +467,6 @@ def tree_attention(q, k, v, lengths, mask, *, scale, interpret=False, backend=No
     num_blocks = slots_p // bk
     num_splits = (_gpu_num_splits(batch * kv_heads * (rows_p // bq), num_blocks)
                   if num_splits is None else min(num_splits, num_blocks))
-    head_major = backend == "tpu" and head_dim % 128 != 0 and kv_heads > 1
 
     lengths = lengths.astype(jnp.int32)
     # Query rows grouped by kv head, t-major: row t * G + g is query head h * G + g at step t.
@@ -491,22 +476,17 @@ def tree_attention(q, k, v, lengths, mask, *, scale, interpret=False, backend=No
     mask_rows = jnp.repeat(mask.astype(jnp.int32), groups, axis=1)          # [B, R, T]
     mask_rows = jnp.pad(mask_rows, ((0, 0), (0, rows_p - rows), (0, new_p - new)))
 
-    def new_tokens(cache):  # [B, S, K, D] -> the T new tokens' entries, [B, Tn, K, Dp]
-        taken = jax.vmap(lambda c, n: lax.dynamic_slice_in_dim(c, n, new, axis=0))(cache, lengths)
-        return jnp.pad(taken, ((0, 0), (0, new_p - new), (0, 0), (0, dim_p - head_dim)))
+    def new_tokens(cache):  # [B, K, S, D] -> the T new tokens' entries, [B, K, Tn, Dp]
+        taken = jax.vmap(lambda c, n: lax.dynamic_slice_in_dim(c, n, new, axis=1))(cache, lengths)
+        return jnp.pad(taken, ((0, 0), (0, 0), (0, new_p - new), (0, dim_p - head_dim)))
 
-    def arrange(x):  # [B, S', K, Dp] -> the kernel's cache layout
-        if head_major:
-            return x.transpose(0, 2, 1, 3)                                   # [B, K, S', Dp]
-        return x.reshape(x.shape[0], x.shape[1], kv_heads * dim_p)           # [B, S', K * Dp]
-
-    def padded_cache(cache):  # no copy unless S or D needs padding
+    def padded_cache(cache):  # [B, K, Sp, Dp]; no copy unless S or D needs padding
         if slots_p == slots and dim_p == head_dim:
             return cache
-        return jnp.pad(cache, ((0, 0), (0, slots_p - slots), (0, 0), (0, dim_p - head_dim)))
+        return jnp.pad(cache, ((0, 0), (0, 0), (0, slots_p - slots), (0, dim_p - head_dim)))
 
-    k_new, v_new = arrange(new_tokens(k)), arrange(new_tokens(v))
-    k_blocks, v_blocks = arrange(padded_cache(k)), arrange(padded_cache(v))
+    k_new, v_new = new_tokens(k), new_tokens(v)
+    k_blocks, v_blocks = padded_cache(k), padded_cache(v)
 
     out_dtype = q.dtype if num_splits == 1 else jnp.float32
     common = dict(scale=scale, block_k=bk, block_q=bq, num_splits=num_splits,
@@ -530,10 +510,10 @@ def tree_attention(q, k, v, lengths, mask, *, scale, interpret=False, backend=No
 def tree_attention_reference(q, k, v, lengths, mask, *, scale):
     """Same contract as `tree_attention`, written directly over the whole cache.
 
-    q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; lengths: [B]; mask: [B, T, T]. Returns [B, T, Hq, D].
+    q: [B, T, Hq, D]; k, v: [B, Hkv, S, D]; lengths: [B]; mask: [B, T, T]. Returns [B, T, Hq, D].
     """
     batch, new, q_heads, head_dim = q.shape
-    slots, kv_heads = k.shape[1], k.shape[2]
+    kv_heads, slots = k.shape[1], k.shape[2]
     groups = q_heads // kv_heads
     slot = jnp.arange(slots)                                                  # [S]
     committed = slot[None, :] < lengths[:, None]                              # [B, S]
@@ -543,14 +523,15 @@ def tree_attention_reference(q, k, v, lengths, mask, *, scale):
                           new_at.astype(jnp.int32)) > 0                       # [B, T, S]
     visible = committed[:, None, :] | sees_new                                # [B, T, S]
     qg = q.reshape(batch, new, kv_heads, groups, head_dim)                   # [B, T, K, G, D]
-    scores = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k,
-                        preferred_element_type=jnp.float32) * scale          # [B, K, G, T, S]
+    # float32 products of the (exactly widened) operands: XLA:CPU cannot run every batched
+    # bfloat16 x bfloat16 -> float32 dot.
+    f32 = lambda x: x.astype(jnp.float32)
+    scores = jnp.einsum("BTKGD,BKSD->BKGTS", f32(qg), f32(k)) * scale        # [B, K, G, T, S]
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
     top = jnp.max(scores, axis=-1, keepdims=True)
     top = jnp.where(jnp.isfinite(top), top, 0.0)
     weights = jnp.exp(scores - top)                                           # 0 where hidden
     total = jnp.sum(weights, axis=-1, keepdims=True)
     weights = weights / jnp.where(total > 0, total, 1.0)
-    out = jnp.einsum("BKGTS,BSKD->BTKGD", weights.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)                     # [B, T, K, G, D]
+    out = jnp.einsum("BKGTS,BKSD->BTKGD", f32(weights.astype(v.dtype)), f32(v))  # [B, T, K, G, D]
     return out.reshape(batch, new, q_heads, head_dim).astype(q.dtype)

@@ -180,7 +180,7 @@ def section_placement(result):
         tokens = np.zeros((BATCH, 16), np.int32)
         lengths = np.full((BATCH,), 5, np.int32)
         cache, dcache = jax.jit(run_prefill)(placed, tokens, lengths, replicated)
-        want_kv = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data", None, "model", None))
+        want_kv = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data", "model", None, None))
         want_draft = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data", None, None, None))
         want_rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
         out[key] = {

@@ -126,10 +126,10 @@ def test_kv_caches_carry_the_specified_shardings(results):
         p = placement[mesh]
         assert p["cache_k"] and p["cache_v"] and p["cache_lengths"], (mesh, p["cache_spec"])
         assert p["draft_cache_k"], mesh                  # drafter caches: batch only
-    # [L, B, S, Hkv, Dh] with B = 8 and Hkv = 8
-    assert placement["2x4"]["cache_shard_shape"] == [2, 4, 32, 2, 4]
-    assert placement["1x8"]["cache_shard_shape"] == [2, 8, 32, 1, 4]
-    assert placement["8x1"]["cache_shard_shape"] == [2, 1, 32, 8, 4]
+    # [L, B, Hkv, S, Dh] with B = 8 and Hkv = 8
+    assert placement["2x4"]["cache_shard_shape"] == [2, 4, 2, 32, 4]
+    assert placement["1x8"]["cache_shard_shape"] == [2, 8, 1, 32, 4]
+    assert placement["8x1"]["cache_shard_shape"] == [2, 1, 8, 32, 4]
 
 
 def test_bad_meshes_are_refused_with_the_dimension_and_axis(results):

@@ -3,6 +3,12 @@
 Slot s of row b holds the K/V of that row's s-th token, so for committed tokens slot == position.
 `forward` writes new K/V at slots [len, len + T) without moving `len`; `commit` moves it, and
 `compact` first gathers an accepted tree path into contiguous slots.
+
+Layout: head-major, [L, B, Hkv, S, Dh]. The attention's two products batch over (B, Hkv), so
+each layer's [B, Hkv, S, Dh] slice is their operand as it lies. A token-major [L, B, S, Hkv, Dh]
+cache made XLA:CPU write a transposed copy of every layer's whole K and V buffer on every step
+(`benchmarks/foundation_cpu.md`, finding 3). New tokens' K/V stay token-major, [B, T, Hkv, Dh]
+(what the projections produce); the writes below transpose those few rows.
 """
 
 from __future__ import annotations
@@ -24,45 +30,54 @@ class KVCache:
     and `compact` gathers an accepted tree path into consecutive slots (speculative rounds).
     """
 
-    k: jax.Array        # [L, B, S, Hkv, Dh]
-    v: jax.Array        # [L, B, S, Hkv, Dh]
+    k: jax.Array        # [L, B, Hkv, S, Dh]
+    v: jax.Array        # [L, B, Hkv, S, Dh]
     lengths: jax.Array  # [B] int32, committed tokens per row
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     @classmethod
     def create(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
         cache = cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                     lengths=jnp.zeros((batch,), jnp.int32))
         return constrain_cache(cache, config)  # split on the active mesh (use_mesh), if any
+
+
+def _slot_index(starts: jax.Array, t: int, kv_heads: int):
+    """Advanced indices (rows [B, 1, 1], heads [1, Hkv, 1], slots [B, 1, T]) of slots
+    starts[b] + t in a [B, Hkv, S, ...] buffer; they broadcast to [B, Hkv, T]."""
+    rows = jnp.arange(starts.shape[0])[:, None, None]                   # [B, 1, 1]
+    heads = jnp.arange(kv_heads)[None, :, None]                         # [1, Hkv, 1]
+    slots = (starts[:, None] + jnp.arange(t)[None, :])[:, None, :]       # [B, 1, T]
+    return rows, heads, slots
 
 
 def write_layer(cache_k: jax.Array, cache_v: jax.Array, layer: jax.Array | int,
                 new_k: jax.Array, new_v: jax.Array, starts: jax.Array):
     """Write new_k/new_v [B, T, Hkv, Dh] into layer `layer` of the cache at slots starts[b] + t.
 
-    cache_k, cache_v: [L, B, S, Hkv, Dh]. Writes past the end of the buffer are dropped.
+    cache_k, cache_v: [L, B, Hkv, S, Dh]. Writes past the end of the buffer are dropped.
     """
-    batch, t = new_k.shape[:2]
-    rows = jnp.arange(batch)[:, None]                       # [B, 1]
-    slots = starts[:, None] + jnp.arange(t)[None, :]        # [B, T]
+    rows, heads, slots = _slot_index(starts, new_k.shape[1], new_k.shape[2])
     layer = jnp.asarray(layer, jnp.int32)
-    cache_k = cache_k.at[layer, rows, slots].set(new_k.astype(cache_k.dtype), mode="drop")
-    cache_v = cache_v.at[layer, rows, slots].set(new_v.astype(cache_v.dtype), mode="drop")
+    cache_k = cache_k.at[layer, rows, heads, slots].set(
+        new_k.swapaxes(1, 2).astype(cache_k.dtype), mode="drop")          # [B, Hkv, T, Dh]
+    cache_v = cache_v.at[layer, rows, heads, slots].set(
+        new_v.swapaxes(1, 2).astype(cache_v.dtype), mode="drop")
     return cache_k, cache_v
 
 
 def write_new(cache: KVCache, new_k: jax.Array, new_v: jax.Array) -> KVCache:
     """Write every layer's new K/V [L, B, T, Hkv, Dh] (from `forward_pending`) at slots
     [len, len + T) of each row; writes past the end of the buffer are dropped."""
-    batch, t = new_k.shape[1:3]
-    rows = jnp.arange(batch)[:, None]                                    # [B, 1]
-    slots = cache.lengths[:, None] + jnp.arange(t)[None, :]              # [B, T]
-    k = cache.k.at[:, rows, slots].set(new_k.astype(cache.k.dtype), mode="drop")
-    v = cache.v.at[:, rows, slots].set(new_v.astype(cache.v.dtype), mode="drop")
+    rows, heads, slots = _slot_index(cache.lengths, new_k.shape[2], new_k.shape[3])
+    k = cache.k.at[:, rows, heads, slots].set(
+        new_k.swapaxes(2, 3).astype(cache.k.dtype), mode="drop")          # [L, B, Hkv, T, Dh]
+    v = cache.v.at[:, rows, heads, slots].set(
+        new_v.swapaxes(2, 3).astype(cache.v.dtype), mode="drop")
     return cache.replace(k=k, v=v)
 
 
@@ -78,12 +93,15 @@ def compact(cache: KVCache, path: jax.Array, num_keep: jax.Array) -> KVCache:
     `commit` afterwards). For a chain (path[i] == i) this is the identity.
     """
     batch, p = path.shape
-    rows = jnp.arange(batch)[:, None]                                # [B, 1]
-    src = cache.lengths[:, None] + path                              # [B, P]
+    kv_heads = cache.k.shape[2]
+    rows = jnp.arange(batch)[:, None, None]                          # [B, 1, 1]
+    heads = jnp.arange(kv_heads)[None, :, None]                      # [1, Hkv, 1]
+    src = (cache.lengths[:, None] + path)[:, None, :]                # [B, 1, P]
     dst = cache.lengths[:, None] + jnp.arange(p)[None, :]            # [B, P]
     dst = jnp.where(jnp.arange(p)[None, :] < num_keep[:, None], dst, cache.max_len)  # dropped
-    k_src = cache.k[:, rows, src]                                    # [L, B, P, Hkv, Dh]
-    v_src = cache.v[:, rows, src]
-    k = cache.k.at[:, rows, dst].set(k_src, mode="drop")
-    v = cache.v.at[:, rows, dst].set(v_src, mode="drop")
+    dst = dst[:, None, :]                                            # [B, 1, P]
+    k_src = cache.k[:, rows, heads, src]                             # [L, B, Hkv, P, Dh]
+    v_src = cache.v[:, rows, heads, src]
+    k = cache.k.at[:, rows, heads, dst].set(k_src, mode="drop")
+    v = cache.v.at[:, rows, heads, dst].set(v_src, mode="drop")
     return cache.replace(k=k, v=v)

@@ -193,7 +193,7 @@ def forward_pending(model: Model, tokens: jax.Array, cache: KVCache, positions: 
 
 
 def _decode(model: Model, tokens, cache: KVCache, positions, mask, *, pending: bool):
-    """The layers of `forward` (pending=False: returns the written cache k, v [L, B, S, Hkv, Dh])
+    """The layers of `forward` (pending=False: returns the written cache k, v [L, B, Hkv, S, Dh])
     and `forward_pending` (pending=True: returns the new k, v [L, B, T, Hkv, Dh])."""
     config, params = model.config, model.params
     x = _embed(params, tokens, positions, config)
@@ -215,7 +215,7 @@ def _decode(model: Model, tokens, cache: KVCache, positions, mask, *, pending: b
             else:
                 cache_k, cache_v = write_layer(cache_k, cache_v, index, k, v, cache.lengths)
             source_k, source_v = (cache.k, cache.v) if pending else (cache_k, cache_v)
-            layer_k = jax.lax.dynamic_index_in_dim(source_k, index, 0, keepdims=False)  # [B, S, Hkv, Dh]
+            layer_k = jax.lax.dynamic_index_in_dim(source_k, index, 0, keepdims=False)  # [B, Hkv, S, Dh]
             layer_v = jax.lax.dynamic_index_in_dim(source_v, index, 0, keepdims=False)
             if pending:
                 out = attention_pending(q, layer_k, layer_v, cache.lengths, k, v, mask,

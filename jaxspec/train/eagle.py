@@ -138,7 +138,7 @@ class FeatureBatches:
 
 
 def _scores(q, k, allowed, scale):
-    """q: [B, T, H, Dh]; k: [B, S, Hkv, Dh]; allowed: [T, S] -> masked scores [B, Hkv, G, T, S]."""
+    """q: [B, T, H, Dh]; k: [B, S, Hkv, Dh] (token-major; no cache here); allowed: [T, S] -> masked scores [B, Hkv, G, T, S]."""
     b, t, h, d = q.shape
     hkv = k.shape[2]
     qg = q.reshape(b, t, hkv, h // hkv, d)

@@ -86,9 +86,9 @@ def test_write_new_drops_slots_past_the_buffer():
     new = jnp.ones((2, 2, 3, 1, 4))                                      # [L, B, T, Hkv, Dh]
     out = write_new(cache, new, 2 * new)
     k = np.asarray(out.k)
-    assert k[:, 0, 1:4].min() == 1 and k[:, 0, [0, 4, 5]].max() == 0     # row 0: slots 1..3
-    assert k[:, 1, 4:6].min() == 1 and k[:, 1, :4].max() == 0            # row 1: 4, 5; 6 dropped
-    assert np.asarray(out.v)[:, 1, 4:6].min() == 2
+    assert k[:, 0, :, 1:4].min() == 1 and k[:, 0, :, [0, 4, 5]].max() == 0  # row 0: slots 1..3
+    assert k[:, 1, :, 4:6].min() == 1 and k[:, 1, :, :4].max() == 0      # row 1: 4, 5; 6 dropped
+    assert np.asarray(out.v)[:, 1, :, 4:6].min() == 2
 
 
 @pytest.mark.parametrize("impl, window, softcap", [
@@ -97,14 +97,15 @@ def test_attention_pending_matches_attention_on_a_written_cache(impl, window, so
     rng = np.random.default_rng(0)
     batch, t, hq, hkv, d, s = 3, 6, 4, 2, 64, 32
     normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
-    q, k, v = normal(batch, t, hq, d), normal(batch, s, hkv, d), normal(batch, s, hkv, d)
+    q, k, v = normal(batch, t, hq, d), normal(batch, hkv, s, d), normal(batch, hkv, s, d)
     new_k, new_v = normal(batch, t, hkv, d), normal(batch, t, hkv, d)
     lengths = jnp.asarray([0, 9, s - t], jnp.int32)
     mask = jnp.broadcast_to(jnp.asarray(_ancestors(PARENTS)[0]), (batch, t, t))
     positions = lengths[:, None] + jnp.asarray(_ancestors(PARENTS)[1])[None, :]
-    rows, slots = jnp.arange(batch)[:, None], lengths[:, None] + jnp.arange(t)[None, :]
-    k_written = k.at[rows, slots].set(new_k)
-    v_written = v.at[rows, slots].set(new_v)
+    rows, heads = jnp.arange(batch)[:, None, None], jnp.arange(hkv)[None, :, None]
+    slots = (lengths[:, None] + jnp.arange(t)[None, :])[:, None, :]       # [B, 1, T]
+    k_written = k.at[rows, heads, slots].set(new_k.swapaxes(1, 2))        # [B, Hkv, S, D]
+    v_written = v.at[rows, heads, slots].set(new_v.swapaxes(1, 2))
     args = dict(scale=0.125, sliding_window=window, query_positions=positions, softcap=softcap)
     expected = attention(q, k_written, v_written, lengths, mask, impl="xla", **args)
     # the slots the new tokens will take hold stale values in the unwritten cache: ignored
@@ -128,7 +129,7 @@ def test_a_sized_round_does_not_copy_the_cache(checkpoints):
         program = jax.jit(lambda m, p, l, key: js.speculative.generate_tokens(
             m, drafter, p, l, new, sampling, key)[0].tokens)
         hlo = program.lower(model, prompts, lengths, jax.random.PRNGKey(0)).compile().as_text()
-        shape = rf"f32\[{c.num_layers},{batch},\d+,{c.num_kv_heads},{c.head_dim}\]"  # [L, B, S, ..]
+        shape = rf"f32\[{c.num_layers},{batch},{c.num_kv_heads},\d+,{c.head_dim}\]"  # [L, B, Hkv, S, Dh]
         return len(re.findall(shape + r"\{[^}]*\} copy\(", hlo))
 
     assert copies(sized) <= max(copies(None), 2)

@@ -49,8 +49,8 @@ def make_inputs(seed, *, batch, t, q_heads, kv_heads, head_dim, slots, dtype, ma
         return jnp.asarray(rng.standard_normal(shape), dtype)
 
     q = normal(batch, t, q_heads, head_dim)                          # [B, T, Hq, D]
-    k = normal(batch, slots, kv_heads, head_dim)                     # [B, S, Hkv, D]
-    v = normal(batch, slots, kv_heads, head_dim)                     # [B, S, Hkv, D]
+    k = normal(batch, kv_heads, slots, head_dim)                     # [B, Hkv, S, D]
+    v = normal(batch, kv_heads, slots, head_dim)                     # [B, Hkv, S, D]
     lengths = [0, slots - t] + [int(rng.integers(0, slots - t + 1)) for _ in range(batch - 2)]
     lengths = jnp.asarray(lengths[:batch], jnp.int32)               # [B]
     if mask_kind == "chain":
@@ -68,7 +68,7 @@ def assert_close(actual, expected, dtype):
 
 # (T, Hq, Hkv, D, S, B, dtype, mask, backend, kernel kwargs). Lengths always include 0 and S - T.
 # S = 200 and 192 are not multiples of the KV block (padding path); D = 64 on the TPU family
-# with Hkv > 1 takes the head-major layout; rows = T * Hq / Hkv = 640 spans several query blocks.
+# checks a [block_k, 64] block; rows = T * Hq / Hkv = 640 spans several query blocks.
 CASES = [
     (1, 8, 1, 128, 64, 3, jnp.float32, "chain", "gpu", {}),
     (1, 8, 1, 128, 256, 3, jnp.bfloat16, "chain", "tpu", dict(block_k=128)),
@@ -151,7 +151,7 @@ def test_attention_pallas_interpret_matches_xla(mask_kind):
 ])
 def test_bad_input_is_refused(change, message):
     q = jnp.zeros((2, 4, 6, 64))
-    k = jnp.zeros((2, 32, change.get("k_heads", 2), change.get("k_dim", 64)))
+    k = jnp.zeros((2, change.get("k_heads", 2), 32, change.get("k_dim", 64)))
     t = change.get("mask_t", 4)
     mask = jnp.ones((2, t, t), bool)
     lengths = jnp.zeros((change.get("lengths_b", 2),), jnp.int32)
@@ -202,8 +202,8 @@ def test_lowers_for_target_platform(backend):
     config = SHIPPED_CONFIGS[backend]
     for t, q_heads, kv_heads, head_dim, slots, batch, dtype, num_splits in LOWERING_SHAPES:
         args = (jax.ShapeDtypeStruct((batch, t, q_heads, head_dim), dtype),
-                jax.ShapeDtypeStruct((batch, slots, kv_heads, head_dim), dtype),
-                jax.ShapeDtypeStruct((batch, slots, kv_heads, head_dim), dtype),
+                jax.ShapeDtypeStruct((batch, kv_heads, slots, head_dim), dtype),
+                jax.ShapeDtypeStruct((batch, kv_heads, slots, head_dim), dtype),
                 jax.ShapeDtypeStruct((batch,), jnp.int32),
                 jax.ShapeDtypeStruct((batch, t, t), jnp.bool_))
         fn = functools.partial(tree_attention, scale=0.1, backend=backend,

@@ -674,7 +674,7 @@ def test_prompt_lookup_round_without_match_writes_only_the_root(target):
     def run(drafter, prompt):
         out, _, cache = program(drafter, jnp.asarray([prompt], jnp.int32),
                                 jnp.asarray([len(prompt)], jnp.int32))
-        return np.asarray(out.tokens[0]), np.asarray(cache.k[:, 0]), int(cache.lengths[0])
+        return np.asarray(out.tokens[0]), np.asarray(cache.k[:, 0]), int(cache.lengths[0])  # [L, Hkv, S, Dh]
 
     pl = js.PromptLookup(ngram=3, num_tokens=8)
     for prompt in ([4, 8, 15, 16, 23, 1, 30, 2], [11, 12, 13, 14, 17, 19, 21, 3],
@@ -685,11 +685,11 @@ def test_prompt_lookup_round_without_match_writes_only_the_root(target):
     else:
         pytest.fail("every candidate prompt's first token repeats a prompt token")
     assert length == len(prompt) + 1 == 9
-    assert np.abs(k[:, :length]).sum(-1).sum(-1).all()      # the prompt and the root written
-    assert not k[:, length:].any()                          # a plain step: nothing else
+    assert np.abs(k[:, :, :length]).sum(-1).sum(1).all()   # the prompt and the root written
+    assert not k[:, :, length:].any()                       # a plain step: nothing else
     tokens_full, k_full, _ = run(_NoSkip(ngram=3, num_tokens=8), prompt)
     np.testing.assert_array_equal(tokens_full, tokens)
-    assert np.abs(k_full[:, length:length + 8]).sum(-1).sum(-1).all()
+    assert np.abs(k_full[:, :, length:length + 8]).sum(-1).sum(1).all()
 
 
 def test_prompt_lookup_sampled_law():

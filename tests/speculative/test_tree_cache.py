@@ -23,7 +23,7 @@ from test_tree_drafters import GREEDY_DRAFTERS, PROMPTS, drafter, greedy_run, mo
 
 @functools.partial(jax.jit, static_argnames=("max_len",))
 def _plain_cache(model, tokens, max_len):
-    """K/V [L, B, S, Hkv, Dh] of a causal forward over tokens [B, S] from an empty cache."""
+    """K/V [L, B, Hkv, S, Dh] of a causal forward over tokens [B, S] from an empty cache."""
     batch, t = tokens.shape
     cache = KVCache.create(model.config, batch, max_len, model.dtype)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
@@ -44,9 +44,9 @@ def _sequences(out):
 
 def _assert_same_slots(cache_k, cache_v, ref_k, ref_v, upto):
     for b, n in enumerate(upto):
-        np.testing.assert_allclose(np.asarray(cache_k)[:, b, :n], np.asarray(ref_k)[:, b, :n],
+        np.testing.assert_allclose(np.asarray(cache_k)[:, b, :, :n], np.asarray(ref_k)[:, b, :, :n],
                                    atol=2e-5, rtol=1e-4, err_msg=f"row {b} keys")
-        np.testing.assert_allclose(np.asarray(cache_v)[:, b, :n], np.asarray(ref_v)[:, b, :n],
+        np.testing.assert_allclose(np.asarray(cache_v)[:, b, :, :n], np.asarray(ref_v)[:, b, :, :n],
                                    atol=2e-5, rtol=1e-4, err_msg=f"row {b} values")
 
 
