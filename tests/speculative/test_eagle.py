@@ -201,7 +201,7 @@ def test_trained_drafter_is_accepted_and_exact(tiny, target, greedy_ref, trained
     assert np.all(upto >= np.asarray(lengths) - 4) and np.all(upto <= np.asarray(lengths))
     for b, n in enumerate(upto):
         for got, want in ((state.cache.k, ref.k), (state.cache.v, ref.v)):
-            np.testing.assert_allclose(np.asarray(got)[:, b, :n], np.asarray(want)[:, b, :n],
+            np.testing.assert_allclose(np.asarray(got)[:, b, :, :n], np.asarray(want)[:, b, :, :n],
                                        atol=2e-5, rtol=1e-4, err_msg=f"row {b}")
 
 
@@ -412,7 +412,7 @@ def test_catch_up_equals_a_fresh_start_on_the_longer_prefix(target, aligned, kin
     np.testing.assert_array_equal(np.asarray(fresh_state.cache.lengths), committed)
     for b, c in enumerate(committed):
         for got, want in ((state2.cache.k, fresh_state.cache.k), (state2.cache.v, fresh_state.cache.v)):
-            np.testing.assert_allclose(np.asarray(got)[:, b, :c], np.asarray(want)[:, b, :c],
+            np.testing.assert_allclose(np.asarray(got)[:, b, :, :c], np.asarray(want)[:, b, :, :c],
                                        atol=1e-5, rtol=1e-5, err_msg=f"row {b}")
     np.testing.assert_array_equal(np.asarray(draft2.tokens), np.asarray(fresh_draft.tokens))
 
