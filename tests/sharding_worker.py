@@ -118,12 +118,12 @@ def methods(draft, mesh: str | None = None):
     hot = js.Sampling(temperature=0.9)
     table = {
         "autoregressive": (None, greedy, None),
-        "draft_model": (js.DraftModel(draft, num_tokens=3), greedy, ("8x1", "2x4")),
         # sizing=None: a size chosen from this machine's measured cost curve could make every
         # round a plain step, and the test needs accepted drafts to compare verification
+        "draft_model": (js.DraftModel(draft, num_tokens=3, sizing=None), greedy, ("8x1", "2x4")),
         "prompt_lookup": (js.PromptLookup(ngram=2, num_tokens=4, sizing=None), greedy, ("2x4", "1x8")),
         "tree": (TwoBranchLookup(), greedy, ("8x1", "1x8")),
-        "draft_model_sampled": (js.DraftModel(draft, num_tokens=3), hot, ("2x4",)),
+        "draft_model_sampled": (js.DraftModel(draft, num_tokens=3, sizing=None), hot, ("2x4",)),
     }
     # The tree drafters from the trees work, when present.
     if hasattr(js, "TokenRecycling"):

@@ -57,6 +57,10 @@ def method_table(draft, tree_methods: bool = True) -> dict:
         for k in (3, 5):
             methods[f"draft_model_k{k}"] = js.DraftModel(draft, num_tokens=k)
         methods["draft_model_auto"] = js.DraftModel(draft, num_tokens="auto", max_tokens=8)
+        # the same chain and adaptive chain verified whole every round (no per-round sizing)
+        methods["draft_model_k5_fixed"] = js.DraftModel(draft, num_tokens=5, sizing=None)
+        methods["draft_model_auto_fixed"] = js.DraftModel(draft, num_tokens="auto", max_tokens=8,
+                                                          sizing=None)
     methods["prompt_lookup"] = js.PromptLookup(ngram=3, num_tokens=8)
     if tree_methods:
         try:

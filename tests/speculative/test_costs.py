@@ -837,3 +837,97 @@ def test_rate_sized_greedy_identical_under_every_sizing(kind, sizing, target, _i
             assert out.stats[key] == unsized.stats[key], key
     if sizing == "table" and kind == "token_recycling":  # small prefixes: less than the template
         assert 0 < drafted.sum() < sum(unsized.stats["drafted"])
+
+
+# -- DraftModel chains: sized by the draft's own probabilities -------------------------------
+
+DM_TABLE = {1: 1.0, 2: 1.3, 4: 2.5, 5: 3.0}   # steep: confident drafts verify 2 or 4, others 1
+
+
+def _draft_model(draft, adaptive, sizing):
+    if adaptive:
+        return js.DraftModel(draft, num_tokens="auto", max_tokens=4, sizing=sizing)
+    return js.DraftModel(draft, num_tokens=4, sizing=sizing)
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
+@pytest.mark.parametrize("sizing", [None, "auto", "plain", "full", "table"])
+def test_draft_model_greedy_identical_under_every_sizing(adaptive, sizing, tiny,
+                                                         _isolated_cost_cache):
+    """A draft model (a noisy copy of the target: often right) under every sizing: the target's
+    greedy output; the whole chain when sizing is None or the full chain always wins; no draft
+    verified when size 1 always wins; a steep table prunes some rounds and not others."""
+    target, draft = small_models()
+    ref = js.generate(target, tiny.prompts, max_new_tokens=16)
+    table = {"plain": _sized_table(5, PLAIN), "full": _sized_table(5, FULL),
+             "table": DM_TABLE}.get(sizing, sizing)
+    out = js.generate(target, tiny.prompts, max_new_tokens=16,
+                      drafter=_draft_model(draft, adaptive, table))
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_array_equal(out.lengths, ref.lengths)
+    unsized = js.generate(target, tiny.prompts, max_new_tokens=16,
+                          drafter=_draft_model(draft, adaptive, None))
+    drafted = np.asarray(out.stats["drafted"])
+    assert sum(unsized.stats["accepted"]) > 0
+    if sizing == "plain":
+        assert drafted.sum() == 0
+        np.testing.assert_array_equal(out.stats["target_steps"], 16)
+    if sizing in (None, "full"):
+        for key in ("drafted", "accepted", "target_steps"):
+            assert out.stats[key] == unsized.stats[key], key
+    if sizing == "table" and not adaptive:
+        rounds = (np.asarray(out.stats["target_steps"]) - 1).sum()
+        print(f"draft model, steep table: drafted {drafted.sum()} of {4 * rounds}, accepted "
+              f"{sum(out.stats['accepted'])}")
+        assert sum(out.stats["accepted"]) > 0 and 0 < drafted.sum() < 4 * rounds
+
+
+def test_draft_model_confidence_is_its_probability_of_each_token(tiny):
+    """Node i's confidence is the draft's softmax probability of token i after tokens < i (the
+    root's is 1); nodes an adaptive chain did not draft are invalid."""
+    from jaxspec.models.cache import KVCache
+    from jaxspec.models.transformer import forward
+    from jaxspec.speculative.draft import Context
+
+    target, draft = small_models()
+    drafter = js.DraftModel(draft, num_tokens=3, sizing=None)
+    prompt = jnp.asarray([[3, 9, 3, 9, 4]], jnp.int32)
+    state = drafter.init(target, prompt, jnp.asarray([4], jnp.int32), 16)   # 4 committed
+    history = jnp.zeros((1, 16), jnp.int32).at[:, :5].set(prompt)           # root = token 4
+    ctx = Context(history=history, length=jnp.asarray([5]), cache_lengths=jnp.asarray([4]),
+                  active=jnp.asarray([True]))
+    proposal, _ = drafter.propose(state, ctx, Sampling(), jax.random.PRNGKey(0), target.config.vocab_size)
+    tokens = np.asarray(proposal.tokens[0])
+    seq = jnp.asarray([[3, 9, 3, 9, *tokens]], jnp.int32)                     # [1, 8]
+    logits, _, _ = forward(draft, seq, KVCache.create(draft.config, 1, 16),
+                           jnp.arange(8, dtype=jnp.int32)[None])
+    probs = jax.nn.softmax(logits[0], axis=-1)                               # [8, V]
+    want = [1.0] + [float(probs[4 + i, tokens[i + 1]]) for i in range(3)]
+    np.testing.assert_allclose(np.asarray(proposal.confidence[0]), want, rtol=1e-5, atol=1e-6)
+    assert (tokens[1:] == np.asarray(jnp.argmax(probs[4:7], axis=-1))).all()  # greedy drafts
+
+
+def test_draft_model_rate_sized_sampled_law():
+    """Sampled rounds of a draft-model chain sized by earlier rounds' acceptance rates: plain and
+    whole rounds both happen, and the first three tokens keep the target's exact law."""
+    target, draft = small_models(SMALL_VOCAB)
+    drafter = js.DraftModel(draft, num_tokens=3,
+                            sizing=CostModel(sizes=(1, 2, 4), ms=(1.0, 1.45, 1.75)))
+    pvalue, cells, drafted, accepted = _law_test(target, drafter, seed=13)
+    print(f"draft model: p={pvalue:.3g} over {cells} cells, drafted {drafted.mean():.2f}, "
+          f"accepted {accepted.mean():.2f} per row")
+    assert cells >= 20
+    assert (drafted == 0).any() or ((drafted == 3) & (accepted == 0)).any()
+    assert (drafted >= 3).any()
+    assert pvalue > 1e-3
+
+
+def test_draft_model_sizing_refusals():
+    _, draft = small_models()
+    with pytest.raises(ValueError, match=r"DraftModel sizes chains only: a tree=\.\.\. draft model "
+                                         r"verifies its whole tree; pass sizing=None or 'auto'"):
+        js.DraftModel(draft, tree=js.trees.kary(2, 2), sizing={1: 1.0, 7: 2.0})
+    with pytest.raises(ValueError, match=r"sizing must be 'auto', None, a jaxspec"):
+        js.DraftModel(draft, num_tokens=3, sizing="fast")
+    assert js.DraftModel(draft, tree=js.trees.kary(2, 2)).sizing is None   # "auto": whole tree
+    assert js.DraftModel(draft, num_tokens=3).sizing == "auto"

@@ -13,6 +13,11 @@ acceptance head). Drafting is a while_loop that exits as soon as every row has s
 
 tree=TreeSpec (branching) or tree=trees.dynamic(...) drafts a tree instead, one draft forward per
 level; see draft_model_tree.py. tree=chain(n) is the same as num_tokens=n.
+
+Chains are sized per round (`sizing`, default "auto"; docs/sizing.md): each draft token carries
+the draft's own probability of it as its confidence, and the loop verifies the prefix (1, 2, 4,
+..., k + 1 nodes) with the most expected committed tokens per measured ms of the target. An
+adaptive chain that stopped early then verifies only its drafted tokens, not all k + 1 slots.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from jaxspec.models.transformer import Model, forward
 from jaxspec.sampling import Sampling, probabilities, sample
 from jaxspec.speculative.draft import Context, Draft
 from jaxspec.speculative.drafters import draft_model_tree
+from jaxspec.speculative.costs import checked_calibrated, checked_sizing
 from jaxspec.speculative.drafters.base import check_num_tokens, check_same_vocabulary
 from jaxspec.speculative.trees import DynamicTree, TreeSpec, chain
 
@@ -44,7 +50,8 @@ class DraftModel:
     of up to max_tokens, stopped early per row when the draft's own run probability falls below
     1 - stop_threshold; tree=js.trees.kary(...) / from_paths(...) / dynamic(...): a tree. Drafts
     are sampled with the target's Sampling; verification is greedy at temperature 0 and the
-    lossless rejection rule otherwise (docs/draft_model.md).
+    lossless rejection rule otherwise (docs/draft_model.md). Chains are sized per round
+    (sizing="auto", the default; None verifies the whole chain; docs/sizing.md).
     """
 
     model: Model
@@ -52,6 +59,12 @@ class DraftModel:
     max_tokens: int = struct.field(pytree_node=False, default=8)
     stop_threshold: float | None = struct.field(pytree_node=False, default=0.7)
     tree: TreeSpec | DynamicTree | None = struct.field(pytree_node=False, default=None)
+    # Per-round verify size of a chain: "auto" (the target's measured cost curve, cached), a
+    # costs.CostModel or {new tokens: ms} table, or None (verify all k + 1 slots). Trees: None.
+    sizing: object = struct.field(pytree_node=False, default="auto")
+    # Sized greedy rounds scale the confidences by each row's record (node 1's confidence
+    # against the target's argmax, costs.calibrated_confidence); False takes them as drafted.
+    calibrated: bool = struct.field(pytree_node=False, default=True)
 
     def __post_init__(self):
         if not isinstance(self.model, Model):
@@ -83,6 +96,14 @@ class DraftModel:
         elif self.adaptive:
             raise ValueError("num_tokens='auto' drafts an adaptive chain; it cannot be combined "
                              "with a branching tree=...")
+        sizing = checked_sizing(self.sizing)
+        if self.branching and sizing is not None:
+            if sizing != "auto":
+                raise ValueError("DraftModel sizes chains only: a tree=... draft model verifies its "
+                                 "whole tree; pass sizing=None or 'auto' with a tree")
+            sizing = None   # "auto" on a tree: its whole tree, as before
+        object.__setattr__(self, "sizing", sizing)
+        checked_calibrated(self.calibrated)
 
     @property
     def branching(self) -> bool:
@@ -167,8 +188,11 @@ class DraftModel:
         tokens = jnp.zeros((batch, n), jnp.int32).at[:, 0].set(root)
         valid = jnp.zeros((batch, n), bool).at[:, 0].set(True)
         q = None if sampling.greedy else jnp.zeros((batch, n, vocab), jnp.float32)
+        # The draft's own (unprocessed) probability of each drawn token: P(node | parent) for
+        # sizing, and the adaptive stop rule's factors. The root's is 1.
+        confidence = jnp.ones((batch, n), jnp.float32)                            # [B, N]
 
-        def draw(i, step_logits, tokens, valid, q, drafting, run_prob):
+        def draw(i, step_logits, tokens, valid, q, confidence, drafting, run_prob):
             """Sample draft token i + 1 from the draft's logits after token i. [B, V] -> ..."""
             step_logits = self._logits(step_logits, vocab)                        # [B, V]
             token = sample(jax.random.fold_in(key, i), step_logits, sampling)     # [B]
@@ -176,33 +200,33 @@ class DraftModel:
             valid = valid.at[:, i + 1].set(drafting)
             if q is not None:
                 q = q.at[:, i + 1].set(probabilities(step_logits, sampling))
+            prob = jnp.take_along_axis(jax.nn.softmax(step_logits, axis=-1),
+                                       token[:, None], axis=1)[:, 0]             # [B]
+            confidence = confidence.at[:, i + 1].set(prob)
             drafting = drafting & (i + 1 < limit)
             if self.stop_threshold is not None and self.adaptive:
-                # Confidence of the run so far, from the draft's unprocessed distribution.
-                confidence = jnp.take_along_axis(jax.nn.softmax(step_logits, axis=-1),
-                                                 token[:, None], axis=1)[:, 0]
-                run_prob = run_prob * confidence
+                run_prob = run_prob * prob   # confidence of the run so far
                 drafting = drafting & (run_prob >= 1.0 - self.stop_threshold)
-            return tokens, valid, q, drafting, run_prob
+            return tokens, valid, q, confidence, drafting, run_prob
 
         def cond(carry):
-            i, _, _, _, _, _, drafting, _ = carry
+            i, _, _, _, _, _, _, drafting, _ = carry
             return (i < k) & jnp.any(drafting)
 
         def body(carry):
-            i, cache, _, tokens, valid, q, drafting, run_prob = carry
+            i, cache, _, tokens, valid, q, confidence, drafting, run_prob = carry
             slot = committed + i                                                  # token i's slot
             cache = cache.replace(lengths=slot)
             step_logits, _, cache = forward(self.model, tokens[:, i][:, None], cache, slot[:, None])
-            tokens, valid, q, drafting, run_prob = draw(i, step_logits[:, 0], tokens, valid, q,
-                                                        drafting, run_prob)
-            return i + 1, cache, None, tokens, valid, q, drafting, run_prob
+            drawn = draw(i, step_logits[:, 0], tokens, valid, q, confidence, drafting, run_prob)
+            return i + 1, cache, None, *drawn
 
-        first = draw(0, logits[:, 1], tokens, valid, q, ctx.active, jnp.ones((batch,), jnp.float32))
+        first = draw(0, logits[:, 1], tokens, valid, q, confidence, ctx.active,
+                     jnp.ones((batch,), jnp.float32))
         carry = (jnp.int32(1), cache, None, *first)
-        _, cache, _, tokens, valid, q, _, _ = jax.lax.while_loop(cond, body, carry)
+        _, cache, _, tokens, valid, q, confidence, _, _ = jax.lax.while_loop(cond, body, carry)
         parents = jnp.broadcast_to(jnp.arange(-1, n - 1, dtype=jnp.int32), (batch, n))
-        draft = Draft(tokens=tokens, parents=parents, valid=valid, q=q)
+        draft = Draft(tokens=tokens, parents=parents, valid=valid, q=q, confidence=confidence)
         return draft, state.replace(cache=cache.replace(lengths=committed))
 
     def commit(self, state: DraftModelState, ctx: Context, draft: Draft, verdict, target_logits):
