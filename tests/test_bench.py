@@ -51,12 +51,14 @@ def test_report_helpers(tmp_path, capsys):
         selected_methods(methods, "eagle_k9,eagle_k2", also=("hf_generate",))
 
 
-def test_bench_profile_splits_a_round(tmp_path):
-    """`jaxspec bench --profile` on the shipped pair: every part measured, the speculative
-    program larger than the autoregressive one, files written."""
+@pytest.mark.parametrize("batch", [1, 2])
+def test_bench_profile_splits_a_round(tmp_path, batch):
+    """`jaxspec bench --profile` on the shipped pair, at batch 1 and on a ragged batch of 2:
+    every part measured, the speculative program larger than the autoregressive one, files
+    written."""
     parser = argparse.ArgumentParser()
     harness.add_arguments(parser)
-    args = parser.parse_args(["--profile", "--max-new-tokens", "8",
+    args = parser.parse_args(["--profile", "--max-new-tokens", "8", "--batch", str(batch),
                               "--methods", "autoregressive,draft_model_k4",
                               "--out", str(tmp_path), "--name", "prof"])
     from jaxspec.bench import profile
@@ -64,6 +66,9 @@ def test_bench_profile_splits_a_round(tmp_path):
     assert profile.main(args) == 0
     rows = {r["method"]: r for r in json.loads((tmp_path / "prof.json").read_text())["rows"]}
     assert set(rows) == {"autoregressive", "draft_model_k4"}
+    assert {r["batch"] for r in rows.values()} == {batch}
+    assert rows["autoregressive"]["tokens"] == 8 * batch      # every row runs to the limit
+    assert rows["autoregressive"]["rounds"] == 7              # the batch's rounds, not the rows'
     spec = rows["draft_model_k4"]
     assert spec["nodes"] == 5 and spec["round_ms"] > 0 and spec["target_ms"] > 0
     assert spec["draft_ms"] > 0 and spec["verify_ms"] >= 0
@@ -71,6 +76,17 @@ def test_bench_profile_splits_a_round(tmp_path):
                                             - spec["verify_ms"])
     assert spec["hlo_instructions"] > rows["autoregressive"]["hlo_instructions"] > 100
     assert "| draft_model_k4 | 5 |" in (tmp_path / "prof.md").read_text()
+    assert f"batch {batch}, greedy" in (tmp_path / "prof.md").read_text()
+
+
+def test_bench_profile_refuses_a_bad_batch(tmp_path):
+    parser = argparse.ArgumentParser()
+    harness.add_arguments(parser)
+    from jaxspec.bench import profile
+
+    args = parser.parse_args(["--profile", "--batch", "0", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"--batch must be >= 1, got 0"):
+        profile.main(args)
 
 
 def test_hlo_instructions_counts_a_small_program():

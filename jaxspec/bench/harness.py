@@ -222,7 +222,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="a chat model name or path (e.g. smollm2-135m-instruct): "
                                         "benchmark speculative chat on it (jaxspec.bench.chat_bench)")
     parser.add_argument("--batch", type=int, default=1,
-                        help="with --model: decode the chat prompts in ragged batches of this size")
+                        help="with --model: decode the chat prompts in ragged batches of this "
+                             "size; with --profile: profile rounds of this many prompts at once")
     parser.add_argument("--chat-prompts", type=int, default=0,
                         help="with --model: use this many of the held-out chat+code prompts (0: all)")
     parser.add_argument("--target", help="HF target directory (default: the shipped pair)")

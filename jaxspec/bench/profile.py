@@ -1,8 +1,8 @@
 """`jaxspec bench --profile`: where one speculative round's time goes, measured.
 
-For each method, on one chat prompt (batch 1, greedy):
+For each method, on B chat prompts in one ragged batch (`--batch`, default 1; greedy):
   * round: the whole compiled program's decode time (js.generate's seconds, minus a separately
-    timed prefill) divided by its rounds;
+    timed prefill) divided by its rounds (the batch's rounds: its longest row's);
   * its parts, each compiled and timed alone on the state after the prompt (a `fori_loop` of R
     repetitions minus one repetition, so dispatch is not counted): draft (`drafter.propose`),
     target (one forward of the round's N nodes under the tree mask: the cost the round pays
@@ -56,8 +56,9 @@ def _repeat_ms(step, args, carry, reps: int) -> float:
     return max(times[1 + reps] - times[1], 0.0) * 1000 / reps
 
 
-def round_parts(target, drafter, prompt_ids: list[int], reps: int = 8) -> dict:
-    """ms of draft / target forward (all N nodes) / verify, each alone, after the prompt."""
+def round_parts(target, drafter, prompts_ids: list[list[int]], reps: int = 8) -> dict:
+    """ms of draft / target forward (all N nodes) / verify, each alone, after the prompts
+    (a ragged batch, right-padded)."""
     from jaxspec.models.cache import KVCache
     from jaxspec.models.transformer import forward, unstack_layers
     from jaxspec.decoding import prefill
@@ -72,21 +73,25 @@ def round_parts(target, drafter, prompt_ids: list[int], reps: int = 8) -> dict:
         target = target.replace(params=unstack_layers(target.params))
     if hasattr(drafter, "bind"):
         drafter = drafter.bind(target)
-    tp = len(prompt_ids)
-    tokens = jnp.asarray([prompt_ids], jnp.int32)
-    lengths = jnp.asarray([tp], jnp.int32)
+    batch, tp = len(prompts_ids), max(map(len, prompts_ids))
+    padded = np.zeros((batch, tp), np.int32)
+    for b, ids in enumerate(prompts_ids):
+        padded[b, :len(ids)] = ids
+    tokens = jnp.asarray(padded)                                                   # [B, Tp]
+    lengths = jnp.asarray([len(ids) for ids in prompts_ids], jnp.int32)            # [B]
     n, depth_max = drafter.tree.num_nodes, drafter.tree.max_depth
     max_len = tp + 64 + n
-    cache = KVCache.create(target.config, 1, max_len, target.dtype)
+    cache = KVCache.create(target.config, batch, max_len, target.dtype)
     uses_hidden = getattr(drafter, "uses_target_hidden", False)
     logits, hidden, cache = jax.jit(prefill, static_argnums=4)(target, tokens, lengths, cache,
                                                                uses_hidden)
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     extra = dict(target_hidden=hidden) if uses_hidden else {}
     dstate = drafter.init(target, tokens, lengths, max_len, None, **extra)
-    history = jnp.zeros((1, max_len), jnp.int32).at[:, :tp].set(tokens).at[0, tp].set(first[0])
+    history = jnp.zeros((batch, max_len), jnp.int32).at[:, :tp].set(tokens)
+    history = history.at[jnp.arange(batch), lengths].set(first)                    # [B, S]
     ctx = Context(history=history, length=cache.lengths + 1, cache_lengths=cache.lengths,
-                  active=jnp.ones((1,), bool))
+                  active=jnp.ones((batch,), bool))
     vocab = target.config.vocab_size
     key = jax.random.PRNGKey(0)
     draft, _ = jax.jit(lambda s, c: drafter.propose(s, c, sampling, key, vocab))(dstate, ctx)
@@ -127,20 +132,27 @@ def round_parts(target, drafter, prompt_ids: list[int], reps: int = 8) -> dict:
                 nodes=n)
 
 
-def profile(target, methods: dict, conversation, max_new_tokens: int = 128, repeats: int = 3) -> list[dict]:
-    """One row per method (autoregressive first): round time, its parts, HLO size."""
+def profile(target, methods: dict, conversations: list, max_new_tokens: int = 128,
+            repeats: int = 3) -> list[dict]:
+    """One row per method (autoregressive first): round time, its parts, HLO size.
+
+    conversations: the batch's prompts (conversations or token-id lists), one row each."""
     import jaxspec as js
     from jaxspec import decoding
     from jaxspec.chat import encode_conversation
-    prompt_ids = (list(conversation) if isinstance(conversation[0], int)
-                  else encode_conversation(target.tokenizer, conversation))
+    prompts_ids = [list(c) if isinstance(c[0], int) else encode_conversation(target.tokenizer, c)
+                   for c in conversations]
+    batch = len(conversations)
     rows = []
     def best_run(drafter):
-        js.generate(target, [conversation], max_new_tokens, drafter=drafter)  # compile, warm
+        js.generate(target, conversations, max_new_tokens, drafter=drafter)  # compile, warm
         compiled = decoding.PROGRAMS.last_compiled
-        runs = [js.generate(target, [conversation], max_new_tokens, drafter=drafter)
+        runs = [js.generate(target, conversations, max_new_tokens, drafter=drafter)
                 for _ in range(repeats)]
         return min(runs, key=lambda r: r.stats["seconds"]), compiled
+
+    def ms_per_token(out):  # per generated token after each row's first (the prefill's)
+        return 1000 * out.stats["seconds"] / max(int(np.sum(out.lengths)) - batch, 1)
 
     for name, shipped in methods.items():
         # The split is exact for a round that verifies all N nodes: sizing off. The shipped
@@ -148,22 +160,22 @@ def profile(target, methods: dict, conversation, max_new_tokens: int = 128, repe
         drafter = shipped.replace(sizing=None) if getattr(shipped, "sizing", None) else shipped
         best, compiled = best_run(drafter)
         s = best.stats
-        rounds = max(int(np.sum(s["target_steps"])) - 1, 1)
-        row = dict(method=name, tokens=int(best.lengths[0]), rounds=rounds,
+        rounds = max(int(np.max(s["target_steps"])) - 1, 1)    # the batch's rounds
+        row = dict(method=name, batch=batch, tokens=int(np.sum(best.lengths)), rounds=rounds,
                    mean_accepted=float(s["mean_accepted"]), hlo_instructions=hlo_instructions(compiled))
         if drafter is None:
             row.update(round_ms=1000 * s["seconds"] / rounds)
         else:
-            parts = round_parts(target, drafter, prompt_ids)
+            parts = round_parts(target, drafter, prompts_ids)
             round_ms = (1000 * s["seconds"] - parts["prefill_ms"]) / rounds
             row.update(round_ms=round_ms, draft_ms=parts["draft_ms"], verify_ms=parts["verify_ms"],
                        target_ms=parts["target_all_ms"], nodes=parts["nodes"],
                        rest_ms=round_ms - parts["draft_ms"] - parts["verify_ms"]
                        - parts["target_all_ms"])
-        row["ms_per_token"] = 1000 * s["seconds"] / max(row["tokens"] - 1, 1)
+        row["ms_per_token"] = ms_per_token(best)
         if drafter is not shipped:
             sized, _ = best_run(shipped)
-            row["ms_per_token_sized"] = 1000 * sized.stats["seconds"] / max(int(sized.lengths[0]) - 1, 1)
+            row["ms_per_token_sized"] = ms_per_token(sized)
         rows.append(row)
     return rows
 
@@ -174,13 +186,15 @@ def write(rows: list[dict], meta: dict, out_dir: Path, name: str) -> Path:
     cols = ["method", "nodes", "round_ms", "draft_ms", "target_ms", "verify_ms", "rest_ms",
             "mean_accepted", "ms_per_token", "ms_per_token_sized", "hlo_instructions"]
     lines = [f"# Round profile: {meta['model']} on {meta['device']}", "",
-             f"{meta['date']}, jax {meta['jax']}, batch 1, greedy, {meta['max_new_tokens']} new "
-             "tokens, one prompt. Each drafter runs with sizing off (every round verifies its N "
+             f"{meta['date']}, jax {meta['jax']}, batch {meta.get('batch', 1)}, greedy, "
+             f"{meta['max_new_tokens']} new tokens, {meta.get('batch', 1)} prompt(s) in one "
+             "ragged batch. Each drafter runs with sizing off (every round verifies its N "
              "nodes) so the split is exact: round = decode time / rounds (prefill excluded); "
              "draft, target (one forward of the N nodes) and verify are each compiled and timed "
              "alone on the state after the prompt; rest = round - draft - target - verify (commit, "
              "compaction, stops, the drafter's commit, loop bookkeeping). ms_per_token_sized: "
-             "the shipped drafter (sizing on), same prompt.", "",
+             "the shipped drafter (sizing on), same prompts. ms_per_token: decode seconds per "
+             "generated token of the batch (all rows).", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []
@@ -199,9 +213,15 @@ def main(args) -> int:
     from jaxspec.bench.report import selected_methods
 
     target = js.load(args.model) if getattr(args, "model", None) else js.load_default()[0]
+    batch = getattr(args, "batch", 1)
+    if batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {batch}")
     if getattr(args, "model", None):
         methods = method_table(target)
-        conversation = load_prompts(code=False)[0][2]
+        items = load_prompts(code=False)
+        if batch > len(items):
+            raise ValueError(f"--batch {batch} is more than the {len(items)} held-out chat prompts")
+        conversations = [conv for _, _, conv in items[:batch]]
     else:
         from jaxspec.bench.harness import heldout_prompts
         from jaxspec.models.default import load_default
@@ -209,16 +229,21 @@ def main(args) -> int:
         _, draft = load_default()
         methods = {"autoregressive": None, "draft_model_k4": js.DraftModel(draft, num_tokens=4),
                    "prompt_lookup": js.PromptLookup()}
-        conversation = heldout_prompts(1)[0]
+        conversations = heldout_prompts(batch)
+        if len(conversations) < batch:
+            raise ValueError(f"--batch {batch} is more than the {len(conversations)} held-out "
+                             "prompts of the shipped pair")
     methods = selected_methods(methods, args.methods)
-    if isinstance(conversation, str):  # the tiny pair has no chat template: token ids
-        conversation = target.tokenizer.encode(conversation)
-    rows = profile(target, methods, conversation, args.max_new_tokens)
+    # the tiny pair has no chat template: token ids
+    conversations = [target.tokenizer.encode(c) if isinstance(c, str) else c
+                     for c in conversations]
+    rows = profile(target, methods, conversations, args.max_new_tokens)
     model = getattr(args, "model", None) or "jaxspec-tiny-code"
     meta = dict(model=model, device=f"{platform.machine()} CPU x{jax.device_count()}"
                 if jax.default_backend() == "cpu" else str(jax.devices()[0].device_kind),
                 backend=jax.default_backend(), jax=jax.__version__,
-                max_new_tokens=args.max_new_tokens, date=time.strftime("%Y-%m-%d"))
-    md = write(rows, meta, Path(args.out), args.name or f"profile_{model}_{jax.default_backend()}")
+                max_new_tokens=args.max_new_tokens, batch=batch, date=time.strftime("%Y-%m-%d"))
+    default_name = f"profile_{model}_{jax.default_backend()}" + (f"_b{batch}" if batch > 1 else "")
+    md = write(rows, meta, Path(args.out), args.name or default_name)
     print(md.read_text())
     return 0
