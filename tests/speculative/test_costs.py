@@ -875,6 +875,14 @@ def test_draft_model_greedy_identical_under_every_sizing(adaptive, sizing, tiny,
     if sizing in (None, "full"):
         for key in ("drafted", "accepted", "target_steps"):
             assert out.stats[key] == unsized.stats[key], key
+    if sizing == "auto":   # measured once, cached; same bucket and table: no new program
+        assert len(_cost_files(_isolated_cost_cache)) == 1
+        compiled = COMPILATIONS["speculative"]
+        others = [[2, 7, 7], [30], list(range(14, 0, -1))]
+        again = js.generate(target, others, max_new_tokens=16,
+                            drafter=_draft_model(draft, adaptive, "auto"))
+        np.testing.assert_array_equal(again.tokens, js.generate(target, others, 16).tokens)
+        assert COMPILATIONS["speculative"] == compiled
     if sizing == "table" and not adaptive:
         rounds = (np.asarray(out.stats["target_steps"]) - 1).sum()
         print(f"draft model, steep table: drafted {drafted.sum()} of {4 * rounds}, accepted "
