@@ -56,25 +56,25 @@ Measured with process CPU time (robust to the shared machine) and `jax.profiler`
    which only the last row's were used). `prefill` now applies the head to the last positions
    only (`transformer.lm_head`); the full logits become dead code. Small model, batch 8:
    10.95 -> 10.10 ms CPU per step, amortised over 128 tokens.
-3. **Open: attention copies the KV cache every step (the 100m batch-8 row, where jaxspec is
-   slower than transformers).** The cache is `[L, B, S, Hkv, Dh]`; the XLA attention's
-   einsums need `(B, Hkv)` as leading batch dimensions, so every layer every step writes a
-   transposed copy of its whole K and V buffer (`transpose_copy_fusion`, reading all S
-   preallocated slots, not just the used ones). At 100m, batch 8, S = 160 that is 23% of the
-   step's thunk time (plus 7% in the attention dots themselves). A micro-benchmark of the two
-   attention einsums over 12 layers (B 8, S 160, 12 heads, Dh 64): 31 ms CPU per step with the
-   `[B, S, K, D]` layout vs 10.5 ms with a head-major `[B, K, S, D]` layout. A head-major cache
-   (`[L, B, Hkv, S, Dh]`) would remove ~20 ms of the ~95 ms step and put this row ahead of
-   transformers; it touches cache.py, attention.py, the Pallas kernel and the sharding rules,
-   so it is left to their owners. (A multiply-reduce decode path in the current layout gained
-   only ~5%.) transformers' DynamicCache also copies (torch.cat) its cache every step.
+3. **Fixed: attention copied the KV cache every step.** The cache was `[L, B, S, Hkv, Dh]`;
+   the XLA attention's einsums need `(B, Hkv)` as leading batch dimensions, so every layer
+   every step wrote a transposed copy of its whole K and V buffer (`transpose_copy_fusion`,
+   reading all S preallocated slots, not just the used ones): 23% of the 100m batch-8 step's
+   thunk time at S = 160. The cache is now head-major, `[L, B, Hkv, S, Dh]` (`cache.py`,
+   `attention.py`, the Pallas kernel, `sharding.cache_spec`), so each layer's slice is the
+   products' operand as it lies. Same machine, one process each, back to back, best of 3:
+   100m batch 8 119.5 -> 147.2 tokens/s (0.83x -> 1.01x transformers), small batch 8
+   1409 -> 1928 tokens/s (0.87x -> 1.16x); batch 1 unchanged within noise (43.6 -> 44.6 and
+   686 -> 721 tokens/s). transformers' DynamicCache also copies (torch.cat) its cache every
+   step. The rest of the 100m batch-8 step (54 ms against a 19 ms floor) is float32 matmul
+   throughput at M = 8 rows, for XLA's YNNPACK dots and torch alike.
 4. **Not the while loop.** Per-step overhead outside the thunks that do the math is < 1 ms; the
    small model at batch 1 runs within 1.7x of the bandwidth floor. At batch 8 both small and
    100m are bound by single-core float32 matmul throughput (~18-20 GFLOP/s for both XLA's
    YNNPACK dots and torch), not memory.
-5. **Threads.** XLA used about one core (process CPU time ~= wall time). torch with 2 threads was
-   5-13x slower than with 1 on this loaded machine (spinning OpenMP workers), so the table
-   uses 1 torch thread; thread scaling cannot be judged on this machine. No XLA flag was
+5. **Threads.** Each side's CPU time is about 1.8x its wall time in this run (both cores).
+   On a loaded machine (an earlier run) torch with 2 threads was 5-13x slower than with 1
+   (spinning OpenMP workers); the table keeps whichever thread count was faster. No XLA flag was
    needed: the gains above come from the program's structure.
 """
 
@@ -255,7 +255,7 @@ def write(rows: list[dict], meta: dict, out: Path, findings: str = FINDINGS) -> 
         f"{threads} torch threads, whichever was faster). {meta['cpus']} CPU cores "
         f"({meta['machine']}), jax {meta['jax']}, transformers {meta['transformers']}.",
         "",
-        f"**The machine was shared with a training run** (load average at the end of this run: "
+        f"**The machine is shared** (load average at the end of this run: "
         f"{', '.join(f'{x:.1f}' for x in meta['load_average'])} on {meta['cpus']} cores): every "
         f"timing was run {meta['repeats']} times and the best is reported; expect about ±30% "
         f"noise between runs. The CPU-time columns (process CPU time of the best run, all "
