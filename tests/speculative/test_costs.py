@@ -340,6 +340,34 @@ def test_measure_interleaves_the_sizes(tiny, monkeypatch):
     assert model.ms == pytest.approx((1.0, 1.0))
 
 
+def test_measured_forward_copies_no_cache(tiny):
+    """The timed forward is the loop's (`forward_pending`): its optimized HLO holds no copy of
+    a whole K or V cache buffer. A forward that wrote the cache (the measurement before
+    MEASURE_VERSION 3, `forward` + a sum over the cache) held such copies, a per-call cost the
+    loop's in-place cache never pays, which made every size look alike."""
+    import re
+
+    from jaxspec.models.cache import KVCache
+    from jaxspec.models.transformer import forward
+
+    model = tiny.make_model(0)
+    c = model.config
+    cache = KVCache.create(c, 4, 40).replace(lengths=jnp.full((4,), 16, jnp.int32))
+    tokens = jnp.ones((4, 2), jnp.int32)
+    whole = rf"f32\[{c.num_layers},4,{c.num_kv_heads},40,{c.head_dim}\]\{{[^}}]*\}} copy\("
+
+    def copies(step):
+        return len(re.findall(whole, jax.jit(step).lower(model, tokens, cache).compile().as_text()))
+
+    def writing(model, tokens, cache):   # the old measured step
+        positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1])[None, :]
+        logits, _, cache = forward(model, tokens, cache, positions)
+        return logits[:, -1].sum(), cache.k.sum()
+
+    assert copies(costs.measured_step) == 0
+    assert copies(writing) >= 1          # the pattern does see a whole-cache copy
+
+
 def test_measure_one_size_at_a_time_against_a_fixed_capacity(tiny):
     """capacity= keeps one buffer size for every T (the device suite measures T by T)."""
     model = costs.measure(tiny.make_model(0), sizes=(2,), repeats=1, cache_len=16, capacity=24)
