@@ -254,7 +254,8 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64,
 def _cost_model(model: Model, batch: int, drafter):
     """sizing="auto": the target's measured cost curve at the drafter's candidate verify sizes
     (1, 2, 4, ... below its node count, and the node count), cached on disk after the first
-    measurement (jaxspec.speculative.costs.calibrate)."""
+    measurement (jaxspec.speculative.costs.calibrate); for a draft model also its own one-token
+    forward time (CostModel.draft_ms, the drafting cost per node)."""
     from jaxspec.speculative.costs import calibrate
 
     if drafter.sizing != "auto":
@@ -264,7 +265,12 @@ def _cost_model(model: Model, batch: int, drafter):
     while s < n:
         sizes.append(s)
         s *= 2
-    return calibrate(model, batch, tuple(sizes) + (n,))
+    curve = calibrate(model, batch, tuple(sizes) + (n,))
+    draft = getattr(drafter, "model", None)
+    if isinstance(draft, Model):  # a draft model: one draft forward per drafted token
+        draft_ms = calibrate(draft.replace(tokenizer=None), batch, (1,)).ms[0]
+        curve = dataclasses.replace(curve, draft_ms=draft_ms)
+    return curve
 
 
 def _stats(out: TokenOutput, lengths: np.ndarray, elapsed: float, compile_s: float) -> dict:

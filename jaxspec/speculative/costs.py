@@ -54,6 +54,11 @@ _clock = time.perf_counter   # the timer `measure` reads (a test substitutes a f
 class CostModel:
     sizes: tuple      # static verify sizes (node counts, root included), ascending, sizes[0] >= 1
     ms: tuple         # measured forward time for each size
+    # ms the drafter spends per drafted node (a draft model: one draft forward per token). Spent
+    # before the size is chosen, but part of every round's time: a round's tokens are weighed
+    # against ms[size] + draft_ms * (nodes drafted), so that a costly drafter's chain is not
+    # cut short to save little verify time (more rounds would each pay the drafting again).
+    draft_ms: float = 0.0
 
     def __post_init__(self):
         sizes, ms = tuple(self.sizes), tuple(self.ms)
@@ -65,8 +70,13 @@ class CostModel:
                              f"got {sizes}")
         if any(not isinstance(m, (int, float)) or not m > 0 for m in ms):
             raise ValueError(f"cost table times must be positive numbers (ms), got {ms}")
+        if isinstance(self.draft_ms, bool) or not isinstance(self.draft_ms, (int, float)) \
+                or not self.draft_ms >= 0:
+            raise ValueError(f"draft_ms must be a number >= 0 (ms per drafted node), got "
+                             f"{self.draft_ms!r}")
         object.__setattr__(self, "sizes", sizes)
         object.__setattr__(self, "ms", tuple(float(m) for m in ms))
+        object.__setattr__(self, "draft_ms", float(self.draft_ms))
 
     @classmethod
     def from_table(cls, table) -> "CostModel":
@@ -92,7 +102,8 @@ class CostModel:
         (its time interpolated when not measured)."""
         sizes = [s for s in self.sizes if s < max_nodes]
         ms = [m for s, m in zip(self.sizes, self.ms) if s < max_nodes]
-        return CostModel(sizes=tuple(sizes) + (max_nodes,), ms=tuple(ms) + (self.at(max_nodes),))
+        return CostModel(sizes=tuple(sizes) + (max_nodes,), ms=tuple(ms) + (self.at(max_nodes),),
+                         draft_ms=self.draft_ms)
 
     def at(self, n: int) -> float:
         """Time for n new tokens, linearly interpolated (extrapolated from the last two)."""
@@ -148,7 +159,8 @@ def choose_size(costs: CostModel, confidence, parents, valid, active, max_depth:
     prob = jnp.where(active[:, None], prob, 0.0)
     cumulative = jnp.cumsum(prob, axis=1)                                      # [B, N]
     expected = jnp.stack([cumulative[:, s - 1].sum() for s in costs.sizes])    # [S] (root: 1/row)
-    score = expected / jnp.asarray(costs.ms, jnp.float32)
+    drafted = jnp.max(jnp.where(active, jnp.sum(valid[:, 1:], axis=1), 0))     # the round's nodes
+    score = expected / (jnp.asarray(costs.ms, jnp.float32) + costs.draft_ms * drafted)
     return jnp.argmax(score).astype(jnp.int32)
 
 
@@ -206,16 +218,17 @@ def prefix_depths(costs: CostModel, tree) -> tuple:
     return tuple(int(max(depths[:s])) for s in costs.sizes)
 
 
-def choose_size_by_rate(costs: CostModel, rate, depths: tuple, active):
+def choose_size_by_rate(costs: CostModel, rate, depths: tuple, active, drafted: int = 0):
     """Index into costs.sizes maximising expected committed tokens per ms when each draft depth
     is reached with probability rate^depth. rate: [B] float32; depths: per size (static);
-    active: [B]. Returns an int32 scalar. Uses nothing of the current round's draft."""
+    active: [B]; drafted: the drafter's node count (static, for costs.draft_ms). Returns an
+    int32 scalar. Uses nothing of the current round's draft."""
     rate = jnp.where(active, jnp.clip(rate, 0.0, 0.999), 0.0)                     # [B]
     powers = rate[:, None] ** jnp.arange(max(depths) + 1)[None, :]                 # [B, D+1]
     powers = jnp.where(active[:, None], powers, 0.0)
     reached = jnp.cumsum(powers.sum(axis=0))                                       # [D+1]
     expected = jnp.stack([reached[d] for d in depths])                             # [S]
-    score = expected / jnp.asarray(costs.ms, jnp.float32)
+    score = expected / (jnp.asarray(costs.ms, jnp.float32) + costs.draft_ms * drafted)
     return jnp.argmax(score).astype(jnp.int32)
 
 

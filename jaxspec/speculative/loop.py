@@ -230,7 +230,8 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
                 # A deterministic drafter that drafted nothing for a row this round: that row
                 # commits its one token at any size; no row drafted -> a plain step.
                 rate_now = jnp.where(draft.valid[:, 1], rate_now, 0.0)
-            index = costs.choose_size_by_rate(sizing, rate_now, depths_by_size, active)
+            index = costs.choose_size_by_rate(sizing, rate_now, depths_by_size, active,
+                                              drafted=n - 1)
             if getattr(drafter, "skips_empty_rounds", False) and sizing.sizes[0] == 1:
                 index = jnp.where(jnp.any(draft.valid[:, 1] & active), index, 0)
             verified = jnp.asarray(sizing.sizes, jnp.int32)[index]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +75,13 @@ def _isolated_cost_cache(tmp_path, monkeypatch):
 def test_cost_model_refusals(sizes, ms, match):
     with pytest.raises(ValueError, match=match):
         CostModel(sizes=sizes, ms=ms)
+
+
+@pytest.mark.parametrize("draft_ms", [-1.0, "2", True, float("nan")])
+def test_cost_model_refuses_a_bad_draft_ms(draft_ms):
+    with pytest.raises(ValueError, match=r"draft_ms must be a number >= 0 \(ms per drafted node\), "
+                                         r"got " + re.escape(repr(draft_ms))):
+        CostModel(sizes=(1, 2), ms=(1.0, 2.0), draft_ms=draft_ms)
 
 
 @pytest.mark.parametrize("table, match", [
@@ -201,13 +209,32 @@ def test_choose_size_extremes():
 
 @pytest.mark.parametrize("seed", range(6))
 def test_choose_size_maximises_expected_tokens_per_ms(seed):
+    """Tokens per ms of the whole round: the verify's ms plus draft_ms per node the round
+    drafted (the most any active row drafted), for draft_ms 0 and > 0."""
     rng = np.random.default_rng(seed)
-    model = CostModel(sizes=(1, 2, 3, 5, 8), ms=tuple(np.cumsum(rng.uniform(0.1, 1.0, 5)).tolist()))
+    ms = tuple(np.cumsum(rng.uniform(0.1, 1.0, 5)).tolist())
     c = rng.uniform(0, 1, (2, 8)) ** rng.uniform(0.2, 3.0)
     active = rng.uniform(size=2) < 0.8
     expected = _expected_tokens(c, PARENTS, VALID, active)
-    score = np.asarray([expected[s - 1] for s in model.sizes]) / np.asarray(model.ms)
-    assert _choose(model, c, active=tuple(active)) == int(np.argmax(score))
+    drafted = max([int(VALID[r, 1:].sum()) for r in range(2) if active[r]], default=0)
+    for draft_ms in (0.0, float(rng.uniform(0.05, 0.5))):
+        model = CostModel(sizes=(1, 2, 3, 5, 8), ms=ms, draft_ms=draft_ms)
+        score = (np.asarray([expected[s - 1] for s in model.sizes])
+                 / (np.asarray(model.ms) + draft_ms * drafted))
+        assert _choose(model, c, active=tuple(active)) == int(np.argmax(score))
+
+
+def test_drafting_cost_keeps_a_costly_chain_whole():
+    """A chain of 4 drafted with confidences 0.6 under a rising curve: counting the verify alone,
+    two nodes pay best (1.6 tokens / 1.2 ms); with 2 ms of drafting per node already spent,
+    the whole chain does (2.31 / (2.4 + 8) against 2.18 / (2.0 + 8) for four nodes)."""
+    chain = np.broadcast_to(np.arange(-1, 4, dtype=np.int32), (2, 5))
+    everything = np.ones((2, 5), bool)
+    curve = dict(sizes=(1, 2, 4, 5), ms=(1.0, 1.2, 2.0, 2.4))
+    conf = np.full((2, 5), 0.6)
+    assert _choose(CostModel(**curve), conf, chain, everything) == 1                 # 2 nodes
+    assert _choose(CostModel(**curve, draft_ms=2.0), conf, chain, everything) == 3   # all 5
+    assert CostModel(**curve, draft_ms=1.0).restricted(4).draft_ms == 1.0
 
 
 def test_first_acceptance_and_rate_by_hand():
@@ -243,9 +270,12 @@ def test_choose_size_by_rate_maximises_geometric_expectation(seed):
     rate = rng.uniform(0, 1, 3)
     active = np.asarray([True, rng.uniform() < 0.5, True])
     expected = [sum(r ** d for r, a in zip(rate, active) if a for d in range(k + 1)) for k in depths]
-    fn = jax.jit(costs.choose_size_by_rate, static_argnums=(0, 2))
-    got = int(fn(model, jnp.asarray(rate, jnp.float32), depths, jnp.asarray(active)))
+    fn = jax.jit(costs.choose_size_by_rate, static_argnums=(0, 2, 4))
+    got = int(fn(model, jnp.asarray(rate, jnp.float32), depths, jnp.asarray(active), 0))
     assert got == int(np.argmax(np.asarray(expected) / np.asarray(model.ms)))
+    costly = CostModel(sizes=model.sizes, ms=model.ms, draft_ms=0.3)   # 7 nodes drafted each round
+    got = int(fn(costly, jnp.asarray(rate, jnp.float32), depths, jnp.asarray(active), 7))
+    assert got == int(np.argmax(np.asarray(expected) / (np.asarray(model.ms) + 0.3 * 7)))
     assert costs.prefix_depths(model, js.trees.kary(2, 3)) == (0, 1, 2, 3)  # breadth first
     assert costs.prefix_depths(model, js.trees.chain(7)) == (0, 1, 3, 7)
 
@@ -903,8 +933,8 @@ def test_draft_model_greedy_identical_under_every_sizing(adaptive, sizing, tiny,
     if sizing in (None, "full"):
         for key in ("drafted", "accepted", "target_steps"):
             assert out.stats[key] == unsized.stats[key], key
-    if sizing == "auto":   # measured once, cached; same bucket and table: no new program
-        assert len(_cost_files(_isolated_cost_cache)) == 1
+    if sizing == "auto":   # target curve and draft step measured once each, cached
+        assert len(_cost_files(_isolated_cost_cache)) == 2
         compiled = COMPILATIONS["speculative"]
         others = [[2, 7, 7], [30], list(range(14, 0, -1))]
         again = js.generate(target, others, max_new_tokens=16,
