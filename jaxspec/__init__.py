@@ -16,10 +16,10 @@ from jaxspec.sampling import Sampling
 from jaxspec.constraints import Constraint
 from jaxspec import speculative
 from jaxspec.speculative import trees
-from jaxspec.speculative.drafters import DraftModel, Eagle, Medusa, PromptLookup, TokenRecycling
+from jaxspec.speculative.drafters import DraftModel, Eagle, Hybrid, Medusa, PromptLookup, TokenRecycling
 from jaxspec.speculative.default import default_drafter
 from jaxspec import sharding
 from jaxspec.sharding import make_mesh, shard
 
-__all__ = ["Constraint", "BeamSearchOutput", "beam_search", "search", "DraftModel", "Eagle", "Medusa", "default_drafter", "TokenRecycling", "GenerateOutput", "PromptLookup", "speculative", "trees", "KVCache", "Model", "ModelConfig", "Sampling",
+__all__ = ["Constraint", "BeamSearchOutput", "beam_search", "search", "DraftModel", "Eagle", "Hybrid", "Medusa", "default_drafter", "TokenRecycling", "GenerateOutput", "PromptLookup", "speculative", "trees", "KVCache", "Model", "ModelConfig", "Sampling",
            "autoregressive_tokens", "forward", "generate", "load", "make_mesh", "shard", "sharding", "load_default", "save"]

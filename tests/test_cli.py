@@ -46,4 +46,5 @@ def test_readme_first_command_chats_with_smollm2(capsys):
                      "string is a palindrome.", "--max-new-tokens", "24"]) == 0
     out = capsys.readouterr().out
     assert "smollm2-135m-instruct" in out and "speedup" in out and "identical to" in out
+    assert "(Hybrid)" in out   # the shipped Eagle with prompt lookup
     assert "def " in out  # a coherent answer starts with code

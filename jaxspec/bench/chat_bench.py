@@ -76,6 +76,11 @@ def method_table(target) -> dict:
         # EAGLE-2 dynamic trees (budget, depth, top-k), sized per round like the chains.
         methods["eagle_dyn6"] = drafter.with_tree(tree=js.trees.dynamic(6, 3, 3))
         methods["eagle_dyn10"] = drafter.with_tree(tree=js.trees.dynamic(10, 4, 3))
+        # The Eagle chain and prompt lookup, the better of the two per row and round.
+        for k in (2, 3):
+            methods[f"hybrid_k{k}"] = js.Hybrid(drafter.with_tree(num_tokens=k))
+        methods["hybrid_k2_lookup4"] = js.Hybrid(drafter.with_tree(num_tokens=2),
+                                                 js.PromptLookup(ngram=3, num_tokens=4))
         for v in (4096, 2048):  # VocabTrim: the v most frequent of the head's tokens
             methods[f"eagle_k3_v{v}"] = trimmed(drafter, v).with_tree(num_tokens=3)
     from jaxspec.speculative.default import shipped_drafter

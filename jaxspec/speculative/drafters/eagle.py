@@ -332,10 +332,12 @@ class Eagle:
                              f"has only {self.params['head_ids'].shape[0]} tokens")
 
     def init(self, target: Model, prompt_tokens, prompt_lengths, max_len: int, state=None,
-             target_hidden=None):
+             target_hidden=None, window: int | None = None):
         """Feed the prompt's positions 0 .. len-2 with their true features.
 
-        prompt_tokens: [B, Tp]; target_hidden: [B, Tp, D] the target's hidden states there."""
+        prompt_tokens: [B, Tp]; target_hidden: [B, Tp, D] the target's hidden states there.
+        window: catch-up slots per round (default this tree's depth + 1); a drafter that wraps
+        this one and verifies deeper drafts (js.Hybrid) passes its own depth + 1."""
         if target_hidden is None:
             raise ValueError("Eagle needs the target's hidden states (run it through "
                              "js.generate / js.speculative.generate_tokens)")
@@ -348,7 +350,7 @@ class Eagle:
         positions = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), (batch, tp))
         _, cache = layer_step(self.params, self.config, x, cache, positions)
         rows = jnp.arange(batch)
-        p = self.tree.max_depth + 1
+        p = max(self.tree.max_depth + 1, window or 0)
         last = target_hidden[rows, jnp.maximum(prompt_lengths - 1, 0)]              # [B, D]
         pending = jnp.zeros((batch, p, target_hidden.shape[-1]), target_hidden.dtype)
         pending = pending.at[:, 0].set(last)
@@ -553,6 +555,10 @@ class Eagle:
                target_hidden=None):
         """The target's hidden states on the accepted path become the next catch-up features."""
         path_hidden = jnp.take_along_axis(target_hidden, verdict.path[:, :, None], axis=1)  # [B, D+1, D]
+        if path_hidden.shape[1] != state.pending.shape[1]:
+            raise ValueError(f"the verified drafts are {path_hidden.shape[1] - 1} deep but this "
+                             f"Eagle's catch-up window holds {state.pending.shape[1]} positions: "
+                             "pass window=depth + 1 to Eagle.init")
         pending = jnp.where(ctx.active[:, None, None], path_hidden.astype(state.pending.dtype),
                             state.pending)
         num = jnp.where(ctx.active, verdict.num_accepted + 1, state.num_pending)

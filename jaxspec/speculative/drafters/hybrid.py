@@ -1,0 +1,208 @@
+"""Hybrid: a trained chain drafter and prompt lookup, the better of the two per row and round.
+
+A trained feature drafter (js.Eagle) guesses the next tokens of any text but rarely more than
+one or two; prompt lookup guesses nothing most of the time, but when the answer copies its
+context (summaries, quoted passages, repeated lines, code edits) its continuation runs long.
+Each round both propose a chain for every row, and each row verifies the one expected to commit
+more tokens:
+
+  trained drafter: sum over depths d of prod_{i <= d} c_i, its per-node confidences scaled by
+                   the row's record (how often its first token was the target's, over how
+                   confident it claimed to be; exponential averages over earlier rounds);
+  prompt lookup:   only where it matched, sum over its proposed depths of r_1 * r_n^(d - 1),
+                   r_1 the row's record of its first token being right where it matched, r_n
+                   the record of a deeper token being right once its parent was.
+
+Both records are kept for every round, whichever chain was verified: the tokens the round
+committed tell whether each drafter's first tokens (and lookup's continuation) were right.
+
+Exactness. The choice is made from draft-side values before the target's logits are seen, and
+the chosen chain is verified as usual, so temperature 0 gives the target's greedy output. Under
+sampling the choice reads no drawn token: the trained drafter's expectation is then
+sum_{d <= K} r^d from its record r (not its confidences, which depend on the drawn tokens), and
+lookup's match is a deterministic function of the history. A lookup row's chain is verified
+with its one-hot proposal, a trained row's with its draft distribution q, both by the lossless
+"speculative" rule, so the output keeps the target's law (conditioned on the past the chosen
+chain's tokens are drawn from the q they are verified with).
+
+The hybrid's chain is as deep as the deeper of the two (shorter proposals are padded with
+invalid nodes); `sizing` ("auto" by default) then verifies only as many nodes as pay, from the
+confidences above (the lookup row's r_1, r_n; the trained row's scaled c_i).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxspec.speculative.costs import RATE_DECAY, RATE_PRIOR, checked_sizing
+from jaxspec.speculative.draft import Context, Draft
+from jaxspec.speculative.drafters.eagle import Eagle
+from jaxspec.speculative.drafters.prompt_lookup import PromptLookup
+from jaxspec.speculative.trees import DynamicTree, chain
+
+NEXT_PRIOR = 0.7   # prompt lookup's record of a deeper token being right, before any round
+
+
+@struct.dataclass
+class HybridState:
+    inner: object              # the trained drafter's state
+    model_token: jax.Array     # [B] int32 this round's first token of the trained drafter
+    model_conf: jax.Array      # [B] float32 and its confidence (as drafted)
+    lookup_tokens: jax.Array   # [B, K] int32 this round's lookup continuation (depths 1..K)
+    lookup_valid: jax.Array    # [B, K] bool
+    model_hits: jax.Array      # [B] float32 records: the trained drafter's first token right,
+    model_claimed: jax.Array   # [B] its first token's confidence,
+    lookup_first: jax.Array    # [B] lookup's first token right where it matched,
+    lookup_next: jax.Array     # [B] a deeper lookup token right once its parent was
+
+
+def _padded(draft: Draft, n: int) -> Draft:
+    """A chain draft padded with invalid nodes to n nodes."""
+    extra = n - draft.tokens.shape[1]
+    if extra == 0:
+        return draft
+    pad = lambda a, value: jnp.pad(a, [(0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 2),
+                                   constant_values=value)
+    batch = draft.tokens.shape[0]
+    return Draft(tokens=pad(draft.tokens, 0),
+                 parents=jnp.broadcast_to(jnp.arange(-1, n - 1, dtype=jnp.int32), (batch, n)),
+                 valid=pad(draft.valid, False),
+                 q=None if draft.q is None else pad(draft.q, 0.0),
+                 confidence=None if draft.confidence is None else pad(draft.confidence, 0.0))
+
+
+def _expected(confidence, valid):
+    """Expected accepted draft tokens of a chain: sum_d prod_{i <= d} confidence_i over valid
+    nodes. confidence, valid: [B, K] (depths 1..K) -> [B]."""
+    return jnp.sum(jnp.cumprod(jnp.where(valid, confidence, 0.0), axis=1), axis=1)
+
+
+def _average(record, value, seen):
+    """One round's evidence in an exponential average (rows not seen keep their record)."""
+    return jnp.where(seen, RATE_DECAY * record + (1.0 - RATE_DECAY) * value, record)
+
+
+@struct.dataclass
+class Hybrid:
+    """A trained chain drafter (`drafter`, a js.Eagle chain) and prompt lookup (`lookup`): each
+    round every row verifies the chain expected to commit more (module docstring). Lossless
+    under greedy and sampled decoding. `sizing` ("auto", a cost model, a {tokens: ms} table or
+    None) sizes every round from the chosen chain's confidences, as for the drafters alone.
+    """
+
+    drafter: Eagle
+    lookup: PromptLookup = PromptLookup(ngram=3, num_tokens=8, sizing=None)
+    sizing: object = struct.field(pytree_node=False, default="auto")
+
+    uses_target_hidden = True
+    drafts_confidence = True
+    calibrated = False   # the confidences are the records' already (the loop takes them as is)
+    rule = "speculative"  # chains with their own q (one-hot for lookup rows): lossless
+
+    def __post_init__(self):
+        if not isinstance(self.drafter, Eagle):
+            raise ValueError(f"Hybrid's drafter must be a js.Eagle chain (a trained drafter), got "
+                             f"{type(self.drafter).__name__}")
+        if isinstance(self.drafter.tree, DynamicTree) or self.drafter.tree.max_children != 1:
+            raise ValueError("Hybrid's drafter must draft a chain: use "
+                             "eagle.with_tree(num_tokens=k)")
+        if not isinstance(self.lookup, PromptLookup):
+            raise ValueError(f"Hybrid's lookup must be a js.PromptLookup, got "
+                             f"{type(self.lookup).__name__}")
+        if self.lookup.num_candidates != 1:
+            raise ValueError("Hybrid's lookup must draft a chain (num_candidates=1)")
+        object.__setattr__(self, "sizing", checked_sizing(self.sizing))
+        # The parts are sized by the hybrid, never on their own.
+        object.__setattr__(self, "drafter", self.drafter.replace(sizing=None))
+        object.__setattr__(self, "lookup", self.lookup.replace(sizing=None))
+
+    @property
+    def tree(self):
+        return chain(max(self.drafter.tree.max_depth, self.lookup.num_tokens))
+
+    def cache_slack(self) -> int:
+        return self.tree.max_depth + 1
+
+    def check_compatible(self, target) -> None:
+        self.drafter.check_compatible(target)
+
+    def bind(self, target) -> "Hybrid":
+        return self.replace(drafter=self.drafter.bind(target))
+
+    def init(self, target, prompt_tokens, prompt_lengths, max_len: int, state=None,
+             target_hidden=None):
+        depth = self.tree.max_depth
+        inner = self.drafter.init(target, prompt_tokens, prompt_lengths, max_len,
+                                  None if state is None else state.inner,
+                                  target_hidden=target_hidden, window=depth + 1)
+        batch = prompt_tokens.shape[0]
+        prior = jnp.full((batch,), RATE_PRIOR, jnp.float32)
+        return HybridState(inner=inner, model_token=jnp.zeros((batch,), jnp.int32),
+                           model_conf=jnp.zeros((batch,), jnp.float32),
+                           lookup_tokens=jnp.zeros((batch, depth), jnp.int32),
+                           lookup_valid=jnp.zeros((batch, depth), bool),
+                           model_hits=prior, model_claimed=prior, lookup_first=prior,
+                           lookup_next=jnp.full((batch,), NEXT_PRIOR, jnp.float32))
+
+    def propose(self, state: HybridState, ctx: Context, sampling, key, vocab: int):
+        n = self.tree.num_nodes
+        model, inner = self.drafter.propose(state.inner, ctx, sampling, key, vocab)
+        model = _padded(model, n)
+        lookup, _ = self.lookup.propose(None, ctx, sampling, key, vocab)
+        lookup = _padded(lookup, n)
+        batch, k = ctx.length.shape[0], n - 1
+        scale = state.model_hits / jnp.maximum(state.model_claimed, 1e-3)           # [B]
+        model_conf = jnp.clip(model.confidence[:, 1:] * scale[:, None], 0.0, 1.0)   # [B, K]
+        depth = jnp.arange(k)[None, :]
+        lookup_conf = jnp.where(depth == 0, state.lookup_first[:, None],
+                                state.lookup_next[:, None]) * jnp.ones((batch, k))  # [B, K]
+        if sampling.greedy:
+            model_expected = _expected(model_conf, model.valid[:, 1:])
+        else:  # from the record alone: the confidences depend on the drawn tokens
+            model_expected = _expected(jnp.broadcast_to(state.model_hits[:, None], (batch, k)),
+                                       depth < self.drafter.tree.max_depth)
+        lookup_expected = _expected(lookup_conf, lookup.valid[:, 1:])
+        use = lookup.valid[:, 1] & (lookup_expected > model_expected)                # [B]
+        pick = lambda a, b: jnp.where(use.reshape((batch,) + (1,) * (a.ndim - 1)), a, b)
+        q = None
+        if model.q is not None:
+            one_hot = jax.nn.one_hot(lookup.tokens, vocab, dtype=jnp.float32)       # [B, N, V]
+            q = pick(one_hot * lookup.valid[..., None], model.q)
+        ones = jnp.ones((batch, 1), jnp.float32)
+        draft = Draft(tokens=pick(lookup.tokens, model.tokens), parents=model.parents,
+                      valid=pick(lookup.valid, model.valid), q=q,
+                      confidence=jnp.concatenate([ones, pick(lookup_conf, model_conf)], axis=1))
+        return draft, state.replace(inner=inner, model_token=model.tokens[:, 1],
+                                    model_conf=model.confidence[:, 1],
+                                    lookup_tokens=lookup.tokens[:, 1:],
+                                    lookup_valid=lookup.valid[:, 1:])
+
+    def commit(self, state: HybridState, ctx: Context, draft: Draft, verdict, target_logits,
+               target_hidden=None):
+        inner = self.drafter.commit(state.inner, ctx, draft, verdict, target_logits,
+                                    target_hidden=target_hidden)
+        batch, k = state.lookup_tokens.shape
+        rows = jnp.arange(batch)
+        # The round's committed tokens: the accepted path after the root, then the next token.
+        accepted = verdict.num_accepted                                              # [B]
+        path_tokens = jnp.take_along_axis(draft.tokens, verdict.path, axis=1)       # [B, K+1]
+        emitted = jnp.concatenate([path_tokens[:, 1:], jnp.zeros((batch, 1), jnp.int32)], axis=1)
+        emitted = emitted.at[rows, accepted].set(verdict.next_token)[:, :k]          # [B, K]
+        known = jnp.arange(k)[None, :] <= accepted[:, None]                          # [B, K]
+        active = ctx.active
+        model_hit = (state.model_token == emitted[:, 0]).astype(jnp.float32)
+        right = (state.lookup_tokens == emitted) & state.lookup_valid & known        # [B, K]
+        prefix = jnp.cumprod(right, axis=1).astype(bool)                             # [B, K]
+        tried = state.lookup_valid[:, 1:] & prefix[:, :-1] & known[:, 1:]            # [B, K-1]
+        tries = jnp.sum(tried, axis=1)
+        hits = jnp.sum(tried & right[:, 1:], axis=1)
+        return state.replace(
+            inner=inner,
+            model_hits=_average(state.model_hits, model_hit, active),
+            model_claimed=_average(state.model_claimed, state.model_conf, active),
+            lookup_first=_average(state.lookup_first, right[:, 0].astype(jnp.float32),
+                                  active & state.lookup_valid[:, 0]),
+            lookup_next=_average(state.lookup_next, hits / jnp.maximum(tries, 1),
+                                 active & (tries > 0)))
