@@ -155,10 +155,11 @@ def forward_curves(model_name: str) -> dict:
 def identity(model_name: str, prompts: int = 6, max_new_tokens: int = 128) -> list[dict]:
     """Does each speculative program reproduce the autoregressive program's greedy tokens?"""
     import jaxspec as js
+    from jaxspec.speculative.default import shipped_drafter
     from jaxspec.bench.chat_bench import load_prompts
 
     target = js.load(model_name)
-    eagle = js.default_drafter(target)
+    eagle = shipped_drafter(target, "eagle")
     low = bf16_weight_model(target)
     items = load_prompts(code=False)
     items = items[::max(1, len(items) // prompts)][:prompts]

@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     import jax
 
     import jaxspec as js
+    from jaxspec.speculative.default import shipped_drafter
     from jaxspec.api import encode_prompts
     from jaxspec.bench.chat_bench import load_prompts
     from jaxspec.bench.report import markdown_table, write_report
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     target = js.load("smollm2-135m-instruct")
-    shipped = js.default_drafter(target)
+    shipped = shipped_drafter(target, "eagle")
     one = js.Eagle(params=shipped.params, config=shipped.config, num_tokens=1,
                    target_fingerprint=shipped.target_fingerprint, sizing=None, stop_below=None)
     items = load_prompts(code=False)

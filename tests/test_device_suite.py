@@ -185,8 +185,8 @@ def test_verify_nodes_match_the_benchmarked_drafters(monkeypatch):
     medusa_dir = next(d for d, meta in default.shipped_drafters() if meta["kind"] == "medusa")
     medusa = Medusa.load(medusa_dir)  # the shipped heads: their tree is the benchmarked one
     # The Eagle and Medusa rows too, as chat_bench builds them for SmolLM2.
-    monkeypatch.setattr(js, "default_drafter", lambda t: eagle)
-    monkeypatch.setattr(default, "shipped_drafter", lambda t, kind: medusa)
+    monkeypatch.setattr(default, "shipped_drafter",
+                        lambda t, kind: {"eagle": eagle, "medusa": medusa}[kind])
     table = chat_bench.method_table(target)
     nodes = {name: d.tree.num_nodes for name, d in table.items() if d is not None}
     assert {name: nodes.get(name) for name in suite.VERIFY_NODES} == suite.VERIFY_NODES

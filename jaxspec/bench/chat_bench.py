@@ -66,8 +66,10 @@ def method_table(target) -> dict:
                "token_recycling_80": js.TokenRecycling(k=8, tree=js.trees.TOKEN_RECYCLING_80),
                "token_recycling_80_fixed": js.TokenRecycling(k=8, tree=js.trees.TOKEN_RECYCLING_80,
                                                              sizing=None)}
-    drafter = js.default_drafter(target)
-    if isinstance(drafter, js.Eagle):
+    from jaxspec.speculative.default import shipped_drafter
+
+    drafter = shipped_drafter(target, "eagle")
+    if drafter is not None:
         for k in (2, 3, 5):
             methods[f"eagle_k{k}"] = drafter.with_tree(num_tokens=k)
         methods["eagle_k2_raw"] = drafter.with_tree(num_tokens=2).replace(calibrated=False)
@@ -83,8 +85,6 @@ def method_table(target) -> dict:
                                                  js.PromptLookup(ngram=3, num_tokens=4))
         for v in (4096, 2048):  # VocabTrim: the v most frequent of the head's tokens
             methods[f"eagle_k3_v{v}"] = trimmed(drafter, v).with_tree(num_tokens=3)
-    from jaxspec.speculative.default import shipped_drafter
-
     medusa = shipped_drafter(target, "medusa")
     if medusa is not None:
         methods["medusa_tree"] = medusa

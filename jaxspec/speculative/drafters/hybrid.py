@@ -118,6 +118,12 @@ class Hybrid:
         object.__setattr__(self, "drafter", self.drafter.replace(sizing=None))
         object.__setattr__(self, "lookup", self.lookup.replace(sizing=None))
 
+    def with_tree(self, num_tokens: int | None = None, lookup_tokens: int | None = None) -> "Hybrid":
+        """The same drafters with another Eagle chain length and/or lookup chain length."""
+        drafter = self.drafter if num_tokens is None else self.drafter.with_tree(num_tokens=num_tokens)
+        lookup = self.lookup if lookup_tokens is None else self.lookup.replace(num_tokens=lookup_tokens)
+        return Hybrid(drafter, lookup, self.sizing)
+
     @property
     def tree(self):
         return chain(max(self.drafter.tree.max_depth, self.lookup.num_tokens))
