@@ -83,6 +83,9 @@ def method_table(target) -> dict:
             methods[f"hybrid_k{k}"] = js.Hybrid(drafter.with_tree(num_tokens=k))
         methods["hybrid_k2_lookup4"] = js.Hybrid(drafter.with_tree(num_tokens=2),
                                                  js.PromptLookup(ngram=3, num_tokens=4))
+        # The Eagle's rounds never skipped, and skipped below a higher record.
+        methods["hybrid_k2_noskip"] = js.Hybrid(drafter.with_tree(num_tokens=2), skip_below=None)
+        methods["hybrid_k2_skip45"] = js.Hybrid(drafter.with_tree(num_tokens=2), skip_below=0.45)
         for v in (4096, 2048):  # VocabTrim: the v most frequent of the head's tokens
             methods[f"eagle_k3_v{v}"] = trimmed(drafter, v).with_tree(num_tokens=3)
     medusa = shipped_drafter(target, "medusa")

@@ -6,7 +6,10 @@
   the rows' records say; the records move with what the round committed.
 * Sampling: a seeded chi-square of the first three tokens against the target's exact law, on a
   prompt where lookup matches for some rows and not for others.
-* Refusals: a drafter that is not an Eagle chain, a lookup tree.
+* Skipping the Eagle (skip_below / probe_every): greedy exactness when most rounds skip it; the
+  Eagle's state after skipped rounds and one wide catch-up equals its state after running every
+  round; which rounds run it, from the records, the probe count and the pending room.
+* Refusals: a drafter that is not an Eagle chain, a lookup tree, bad skip settings.
 """
 
 from __future__ import annotations
@@ -46,7 +49,107 @@ def test_greedy_identical_to_autoregressive(tiny, target, greedy_ref, sizing, nu
     assert sum(out.stats["accepted"]) > 0
 
 
-def _round(target, drafter, history, length, records):
+@pytest.mark.parametrize("skip_below,probe_every", [(None, 8), (1.0, 3)],
+                         ids=["never", "mostly"])
+def test_greedy_identical_when_the_eagle_skips_rounds(tiny, target, greedy_ref, skip_below,
+                                                      probe_every):
+    eagle = Eagle.create(target, num_tokens=2, key=1)
+    drafter = Hybrid(eagle, js.PromptLookup(ngram=2, num_tokens=4), sizing=COSTS,
+                     skip_below=skip_below, probe_every=probe_every)
+    out = js.generate(target, tiny.prompts, max_new_tokens=tiny.max_new, drafter=drafter)
+    np.testing.assert_array_equal(out.tokens, greedy_ref.tokens)
+    np.testing.assert_array_equal(out.lengths, greedy_ref.lengths)
+    skipped = np.asarray(out.drafter_state.skipped)
+    assert skipped.max() < probe_every
+    if skip_below is None:
+        assert (skipped == 0).all()
+
+
+def test_catch_up_after_skipped_rounds_matches_running_every_round(target):
+    """Two rounds appended behind (Eagle.commit(behind=...)) and one wide catch-up leave the
+    Eagle's cache and next draft as running it every round does."""
+    eagle = Eagle.create(target, num_tokens=2, key=3).replace(stop_below=None).bind(target)
+    batch, width, d = 2, 24, target.config.hidden_size
+    history = jnp.asarray(np.random.default_rng(0).integers(1, 32, (batch, width)), jnp.int32)
+    hidden = jax.random.normal(jax.random.PRNGKey(2), (batch, width, d))   # feature per position
+    start = jnp.asarray([5, 7], jnp.int32)
+    accepted = [jnp.asarray([2, 0], jnp.int32), jnp.asarray([1, 2], jnp.int32)]
+    chain = jnp.broadcast_to(jnp.arange(3, dtype=jnp.int32), (batch, 3))
+    rows = jnp.arange(batch)[:, None]
+
+    def ctx_at(c):
+        return Context(history=history, length=c + 1, cache_lengths=c,
+                       active=jnp.ones((batch,), bool))
+
+    def commit(state, c, a, behind):
+        verdict = Verdict(path=chain, num_accepted=a, next_token=jnp.zeros((batch,), jnp.int32))
+        path_hidden = hidden[rows, c[:, None] + jnp.arange(3)[None, :]]           # [B, 3, D]
+        return eagle.commit(state, ctx_at(c), None, verdict, None, target_hidden=path_hidden,
+                            behind=behind)
+
+    key, greedy = jax.random.PRNGKey(0), Sampling()
+    every = eagle.init(target, history, start, width, target_hidden=hidden)
+    piled = eagle.init(target, history, start, width, target_hidden=hidden, capacity=9)
+    assert piled.pending.shape[1] == 9 and piled.window == 3
+    c = start
+    for a in accepted:
+        _, every = eagle.propose(every, ctx_at(c), greedy, key, 32)
+        every = commit(every, c, a, None)
+        piled = commit(piled, c, a, jnp.ones((batch,), bool))
+        c = c + a + 1
+    np.testing.assert_array_equal(np.asarray(piled.num_pending), np.asarray(c - start + 1))
+    want, every = eagle.propose(every, ctx_at(c), greedy, key, 32)
+    got, piled = eagle.propose(piled, ctx_at(c), greedy, key, 32)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_allclose(np.asarray(got.confidence), np.asarray(want.confidence),
+                               rtol=1e-5, atol=1e-6)
+    for b in range(batch):
+        upto = int(c[b])
+        np.testing.assert_allclose(np.asarray(piled.cache.k[:, b, :, :upto]),
+                                   np.asarray(every.cache.k[:, b, :, :upto]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(piled.cache.lengths), np.asarray(c))
+
+
+def test_which_rounds_run_the_eagle(target):
+    eagle = Eagle.create(target, num_tokens=2, key=1).bind(target)
+    drafter = Hybrid(eagle, js.PromptLookup(ngram=2, num_tokens=3), skip_below=0.4,
+                     probe_every=3)
+    history = np.zeros((2, 12), np.int32)
+    history[:, :9] = [10, 11, 12, 13, 14, 15, 16, 17, 18]
+    low = dict(model_hits=[0.2, 0.3], model_claimed=[0.5, 0.5])
+    for records, pending, runs in [
+            (low, [1, 1], False),                                   # both records low: skip
+            (dict(low, model_hits=[0.2, 0.5]), [1, 1], True),       # one row asks for it
+            (dict(low, skipped=[2, 2]), [1, 1], True),              # a probe is due
+            (dict(low, skipped=[1, 1]), [1, 13], True)]:            # 13 + 4 > 16 slots
+        draft, state, eagle_draft, ctx = _round(target, drafter, history, [9, 9], records,
+                                                num_pending=pending)
+        np.testing.assert_array_equal(np.asarray(state.model_ran), [runs, runs])
+        valid = np.asarray(draft.valid)
+        if runs:
+            np.testing.assert_array_equal(np.asarray(draft.tokens[:, :3]),
+                                          np.asarray(eagle_draft.tokens))
+        else:
+            np.testing.assert_array_equal(valid[:, 1:], False)
+            np.testing.assert_array_equal(np.asarray(draft.tokens[:, 0]), [18, 18])
+            # untouched: the catch-up did not run
+            np.testing.assert_array_equal(np.asarray(state.inner.cache.lengths), [7, 7])
+        verdict = Verdict(path=jnp.zeros((2, 4), jnp.int32), num_accepted=jnp.zeros((2,), jnp.int32),
+                          next_token=jnp.asarray([3, 3], jnp.int32))
+        after = drafter.commit(state, ctx, draft, verdict, None,
+                               target_hidden=jnp.zeros((2, 4, target.config.hidden_size)))
+        hits = np.asarray(records["model_hits"], np.float32)
+        if runs:
+            np.testing.assert_array_equal(np.asarray(after.skipped), [0, 0])
+            np.testing.assert_array_equal(np.asarray(after.inner.num_pending), [1, 1])
+        else:   # not scored; one more round behind, its feature appended
+            np.testing.assert_array_equal(np.asarray(after.model_hits), hits)
+            np.testing.assert_array_equal(np.asarray(after.skipped), [1, 1])
+            np.testing.assert_array_equal(np.asarray(after.inner.num_pending),
+                                          np.asarray(pending) + 1)
+
+
+def _round(target, drafter, history, length, records, num_pending=None):
     """propose on a hand-built context (rows of `history`, committed `length` tokens)."""
     batch = history.shape[0]
     tokens = jnp.asarray(history)
@@ -54,7 +157,11 @@ def _round(target, drafter, history, length, records):
     hidden = jax.random.normal(jax.random.PRNGKey(0), (batch, history.shape[1],
                                                        target.config.hidden_size))
     state = drafter.init(target, tokens, lengths - 1, 32, target_hidden=hidden)
-    state = state.replace(**{k: jnp.asarray(v, jnp.float32) for k, v in records.items()})
+    state = state.replace(**{k: jnp.asarray(v, jnp.int32 if k == "skipped" else jnp.float32)
+                             for k, v in records.items()})
+    if num_pending is not None:
+        state = state.replace(inner=state.inner.replace(
+            num_pending=jnp.asarray(num_pending, jnp.int32)))
     ctx = Context(history=tokens, length=lengths, cache_lengths=lengths - 1,
                   active=jnp.ones((batch,), bool))
     draft, after = drafter.propose(state, ctx, Sampling(), jax.random.PRNGKey(1),
@@ -101,16 +208,20 @@ def test_each_row_verifies_the_chain_its_records_favour(target):
                                rtol=1e-6)
 
 
-def test_sampling_distribution_chi_square():
+@pytest.mark.parametrize("skip_below,probe_every", [(None, 8), (1.0, 2)],
+                         ids=["eagle_every_round", "eagle_every_other_round"])
+def test_sampling_distribution_chi_square(skip_below, probe_every):
     """The first three tokens of 2000 rows after a prompt that lookup continues for some rows
     (its 1-gram and 2-gram matches depend on the sampled first token) follow the target's exact
-    law (temperature 0.9, top-k 5), with a sized round. Seeded; a correct rule passes p > 1e-3
-    with probability 0.999."""
+    law (temperature 0.9, top-k 5), with a sized round; with the Eagle run every round, and
+    skipped every other round (its features piled up, then caught up on). Seeded; a correct
+    rule passes p > 1e-3 with probability 0.999."""
     sampling = Sampling(temperature=0.9, top_k=5)
     target, _ = small_models(SMALL_VOCAB)
     eagle = _sharpened(Eagle.create(target, num_tokens=2, key=4), seed=4)
     drafter = Hybrid(eagle, js.PromptLookup(ngram=2, num_tokens=3),
-                     sizing=CostModel(sizes=(1, 2, 4), ms=(1.0, 1.05, 1.1)))
+                     sizing=CostModel(sizes=(1, 2, 4), ms=(1.0, 1.05, 1.1)),
+                     skip_below=skip_below, probe_every=probe_every)
     prompt = [1, 2, 3, 1, 2]
     tokens = jnp.asarray(np.tile(prompt, (ROWS, 1)), jnp.int32)
     lengths = jnp.full((ROWS,), len(prompt), jnp.int32)
@@ -149,3 +260,8 @@ def test_refusals(target):
         Hybrid(eagle, lookup=js.PromptLookup(num_candidates=2))
     with pytest.raises(ValueError, match="sizing"):
         Hybrid(eagle, sizing="fast")
+    with pytest.raises(ValueError, match=r"skip_below is a first-token hit rate in \[0, 1\]"):
+        Hybrid(eagle, skip_below=1.5)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="probe_every is a number of rounds >= 1"):
+            Hybrid(eagle, probe_every=bad)

@@ -165,6 +165,9 @@ class EagleState:
     head: jax.Array | None = None   # [V', D] the target's LM-head rows of the head tokens and
     embed: jax.Array | None = None  # [V, D] its token embedding: here only for an unbound
                                     # drafter (the loop binds them: see Eagle.bind)
+    # Catch-up slots of a usual round (P above is this unless a wrapper lets rounds go by
+    # without a catch-up, js.Hybrid: then a round with more pending uses all P).
+    window: int = struct.field(pytree_node=False, default=0)
 
 
 @struct.dataclass
@@ -332,12 +335,14 @@ class Eagle:
                              f"has only {self.params['head_ids'].shape[0]} tokens")
 
     def init(self, target: Model, prompt_tokens, prompt_lengths, max_len: int, state=None,
-             target_hidden=None, window: int | None = None):
+             target_hidden=None, window: int | None = None, capacity: int | None = None):
         """Feed the prompt's positions 0 .. len-2 with their true features.
 
         prompt_tokens: [B, Tp]; target_hidden: [B, Tp, D] the target's hidden states there.
         window: catch-up slots per round (default this tree's depth + 1); a drafter that wraps
-        this one and verifies deeper drafts (js.Hybrid) passes its own depth + 1."""
+        this one and verifies deeper drafts (js.Hybrid) passes its own depth + 1.
+        capacity: pending slots (>= window), for a wrapper that skips this drafter's rounds and
+        lets the committed features pile up (`commit(..., behind=...)`)."""
         if target_hidden is None:
             raise ValueError("Eagle needs the target's hidden states (run it through "
                              "js.generate / js.speculative.generate_tokens)")
@@ -350,14 +355,16 @@ class Eagle:
         positions = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), (batch, tp))
         _, cache = layer_step(self.params, self.config, x, cache, positions)
         rows = jnp.arange(batch)
-        p = max(self.tree.max_depth + 1, window or 0)
+        window = max(self.tree.max_depth + 1, window or 0)
+        p = max(window, capacity or 0)
         last = target_hidden[rows, jnp.maximum(prompt_lengths - 1, 0)]              # [B, D]
         pending = jnp.zeros((batch, p, target_hidden.shape[-1]), target_hidden.dtype)
         pending = pending.at[:, 0].set(last)
         unbound = self.bound is None
         return EagleState(cache=cache.replace(lengths=jnp.maximum(prompt_lengths - 1, 0)),
                           pending=pending, num_pending=jnp.ones((batch,), jnp.int32),
-                          head=head if unbound else None, embed=embed if unbound else None)
+                          head=head if unbound else None, embed=embed if unbound else None,
+                          window=window)
 
     def propose(self, state: EagleState, ctx: Context, sampling: Sampling, key, vocab: int):
         tree = self.tree
@@ -367,14 +374,23 @@ class Eagle:
         embed, head = self._arrays(state)
         committed = ctx.cache_lengths                                                # c [B]
         stable = state.cache.lengths                                                 # c - n_pending
-        p = state.pending.shape[1]
         # 1. catch-up on the true features of positions [stable, c).
-        offs = jnp.arange(p)[None, :]
-        nxt_pos = jnp.minimum(stable[:, None] + offs + 1, ctx.history.shape[1] - 1)  # [B, P]
-        nxt = jnp.take_along_axis(ctx.history, nxt_pos, axis=1)
-        x = draft_features(self.params, self.config, state.pending, embed[nxt])
-        out, cache = layer_step(self.params, self.config, x, state.cache, stable[:, None] + offs)
-        h_root = out[rows, jnp.maximum(state.num_pending - 1, 0)]                    # [B, D]
+        def catch_up(width: int):
+            offs = jnp.arange(width)[None, :]
+            nxt_pos = jnp.minimum(stable[:, None] + offs + 1, ctx.history.shape[1] - 1)  # [B, P]
+            nxt = jnp.take_along_axis(ctx.history, nxt_pos, axis=1)
+            x = draft_features(self.params, self.config, state.pending[:, :width], embed[nxt])
+            out, cache = layer_step(self.params, self.config, x, state.cache,
+                                    stable[:, None] + offs)
+            return out[rows, jnp.maximum(state.num_pending - 1, 0)], cache           # [B, D]
+
+        p, window = state.pending.shape[1], state.window or state.pending.shape[1]
+        if p == window:
+            h_root, cache = catch_up(p)
+        else:  # the wide catch-up only after skipped rounds (js.Hybrid)
+            most = jnp.max(jnp.where(ctx.active, state.num_pending, 0))
+            h_root, cache = jax.lax.cond(most <= window, lambda: catch_up(window),
+                                         lambda: catch_up(p))
         cache = cache.replace(lengths=committed)
         if isinstance(tree, DynamicTree):
             draft = self._propose_dynamic(ctx, h_root, cache, embed, head, head_ids)
@@ -552,14 +568,27 @@ class Eagle:
                      confidence=confidence)
 
     def commit(self, state: EagleState, ctx: Context, draft: Draft, verdict, target_logits,
-               target_hidden=None):
-        """The target's hidden states on the accepted path become the next catch-up features."""
+               target_hidden=None, behind=None):
+        """The target's hidden states on the accepted path become the next catch-up features.
+
+        behind: [B] bool, rows whose catch-up this round was skipped (js.Hybrid): their features
+        go after the ones still pending instead of replacing them (the caller keeps the pending
+        count + depth + 1 within the capacity)."""
         path_hidden = jnp.take_along_axis(target_hidden, verdict.path[:, :, None], axis=1)  # [B, D+1, D]
-        if path_hidden.shape[1] != state.pending.shape[1]:
+        if path_hidden.shape[1] > state.pending.shape[1]:
             raise ValueError(f"the verified drafts are {path_hidden.shape[1] - 1} deep but this "
                              f"Eagle's catch-up window holds {state.pending.shape[1]} positions: "
                              "pass window=depth + 1 to Eagle.init")
-        pending = jnp.where(ctx.active[:, None, None], path_hidden.astype(state.pending.dtype),
-                            state.pending)
-        num = jnp.where(ctx.active, verdict.num_accepted + 1, state.num_pending)
+        batch, width = path_hidden.shape[:2]
+        path_hidden = path_hidden.astype(state.pending.dtype)
+        if behind is None and width == state.pending.shape[1]:
+            start, written = jnp.zeros((batch,), jnp.int32), path_hidden
+        else:
+            start = jnp.zeros((batch,), jnp.int32) if behind is None else \
+                jnp.where(behind, state.num_pending, 0)                              # [B]
+            slots = start[:, None] + jnp.arange(width)[None, :]                      # [B, D+1]
+            written = state.pending.at[jnp.arange(batch)[:, None], slots].set(path_hidden,
+                                                                               mode="drop")
+        pending = jnp.where(ctx.active[:, None, None], written, state.pending)
+        num = jnp.where(ctx.active, start + verdict.num_accepted + 1, state.num_pending)
         return state.replace(pending=pending, num_pending=num)

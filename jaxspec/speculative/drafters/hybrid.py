@@ -28,6 +28,16 @@ chain's tokens are drawn from the q they are verified with).
 The hybrid's chain is as deep as the deeper of the two (shorter proposals are padded with
 invalid nodes); `sizing` ("auto" by default) then verifies only as many nodes as pay, from the
 confidences above (the lookup row's r_1, r_n; the trained row's scaled c_i).
+
+Skipping the trained drafter. Its round (catch-up on the committed features, then drafting) costs
+about 14% of a one-token target step on SmolLM2 at this CPU, paid even when its chain is not
+verified. A round runs it only when some active row's record of its first token being right is at
+least `skip_below`, or `probe_every` rounds have gone by without it (so a record that fell can
+rise again), or its pending features would no longer fit. A skipped round leaves its cache as it
+was; the round's committed features are appended to the pending ones (Eagle.commit's `behind`),
+and the next round that runs it catches up on all of them in one wider layer pass. The decision
+reads only records of earlier rounds, so it is made before the target's logits are seen and the
+hybrid stays lossless; a skipped round's first-token guess is not scored.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from jaxspec.speculative.drafters.prompt_lookup import PromptLookup
 from jaxspec.speculative.trees import DynamicTree, chain
 
 NEXT_PRIOR = 0.7   # prompt lookup's record of a deeper token being right, before any round
+PILE = 4           # pending capacity of the trained drafter, in rounds of the hybrid's depth + 1
 
 
 @struct.dataclass
@@ -56,6 +67,8 @@ class HybridState:
     model_claimed: jax.Array   # [B] its first token's confidence,
     lookup_first: jax.Array    # [B] lookup's first token right where it matched,
     lookup_next: jax.Array     # [B] a deeper lookup token right once its parent was
+    model_ran: jax.Array       # [B] bool the trained drafter ran this round (skip_below)
+    skipped: jax.Array         # [B] int32 rounds in a row it did not
 
 
 def _padded(draft: Draft, n: int) -> Draft:
@@ -90,11 +103,15 @@ class Hybrid:
     round every row verifies the chain expected to commit more (module docstring). Lossless
     under greedy and sampled decoding. `sizing` ("auto", a cost model, a {tokens: ms} table or
     None) sizes every round from the chosen chain's confidences, as for the drafters alone.
+    `skip_below` (None: never skip) and `probe_every` decide the rounds that run the trained
+    drafter at all (module docstring).
     """
 
     drafter: Eagle
     lookup: PromptLookup = PromptLookup(ngram=3, num_tokens=8, sizing=None)
     sizing: object = struct.field(pytree_node=False, default="auto")
+    skip_below: float | None = struct.field(pytree_node=False, default=0.3)
+    probe_every: int = struct.field(pytree_node=False, default=8)
 
     uses_target_hidden = True
     drafts_confidence = True
@@ -113,6 +130,13 @@ class Hybrid:
                              f"{type(self.lookup).__name__}")
         if self.lookup.num_candidates != 1:
             raise ValueError("Hybrid's lookup must draft a chain (num_candidates=1)")
+        if self.skip_below is not None and not 0.0 <= self.skip_below <= 1.0:
+            raise ValueError(f"Hybrid's skip_below is a first-token hit rate in [0, 1] or None, "
+                             f"got {self.skip_below!r}")
+        if isinstance(self.probe_every, bool) or not isinstance(self.probe_every, int) \
+                or self.probe_every < 1:
+            raise ValueError(f"Hybrid's probe_every is a number of rounds >= 1, got "
+                             f"{self.probe_every!r}")
         object.__setattr__(self, "sizing", checked_sizing(self.sizing))
         # The parts are sized by the hybrid, never on their own.
         object.__setattr__(self, "drafter", self.drafter.replace(sizing=None))
@@ -122,7 +146,7 @@ class Hybrid:
         """The same drafters with another Eagle chain length and/or lookup chain length."""
         drafter = self.drafter if num_tokens is None else self.drafter.with_tree(num_tokens=num_tokens)
         lookup = self.lookup if lookup_tokens is None else self.lookup.replace(num_tokens=lookup_tokens)
-        return Hybrid(drafter, lookup, self.sizing)
+        return self.replace(drafter=drafter, lookup=lookup)
 
     @property
     def tree(self):
@@ -140,9 +164,10 @@ class Hybrid:
     def init(self, target, prompt_tokens, prompt_lengths, max_len: int, state=None,
              target_hidden=None):
         depth = self.tree.max_depth
+        capacity = None if self.skip_below is None else PILE * (depth + 1)
         inner = self.drafter.init(target, prompt_tokens, prompt_lengths, max_len,
                                   None if state is None else state.inner,
-                                  target_hidden=target_hidden, window=depth + 1)
+                                  target_hidden=target_hidden, window=depth + 1, capacity=capacity)
         batch = prompt_tokens.shape[0]
         prior = jnp.full((batch,), RATE_PRIOR, jnp.float32)
         return HybridState(inner=inner, model_token=jnp.zeros((batch,), jnp.int32),
@@ -150,11 +175,42 @@ class Hybrid:
                            lookup_tokens=jnp.zeros((batch, depth), jnp.int32),
                            lookup_valid=jnp.zeros((batch, depth), bool),
                            model_hits=prior, model_claimed=prior, lookup_first=prior,
-                           lookup_next=jnp.full((batch,), NEXT_PRIOR, jnp.float32))
+                           lookup_next=jnp.full((batch,), NEXT_PRIOR, jnp.float32),
+                           model_ran=jnp.ones((batch,), bool),
+                           skipped=jnp.zeros((batch,), jnp.int32))
+
+    def _model_round(self, state: HybridState, ctx: Context, sampling, key, vocab: int):
+        """The trained drafter's chain and state, or (skip_below) a root-only chain and its
+        state untouched when no row's record asks for it. -> (Draft, inner state, ran [B])."""
+        batch = ctx.length.shape[0]
+        run_model = lambda: self.drafter.propose(state.inner, ctx, sampling, key, vocab)
+        if self.skip_below is None:
+            model, inner = run_model()
+            return model, inner, jnp.ones((batch,), bool)
+
+        def root_only():
+            shapes = jax.eval_shape(lambda: run_model()[0])
+            empty = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            n = empty.tokens.shape[1]
+            root = ctx.history[jnp.arange(batch), ctx.length - 1]
+            return empty.replace(
+                tokens=empty.tokens.at[:, 0].set(root),
+                parents=jnp.broadcast_to(jnp.arange(-1, n - 1, dtype=empty.parents.dtype),
+                                         (batch, n)),
+                valid=empty.valid.at[:, 0].set(True),
+                confidence=empty.confidence.at[:, 0].set(1)), state.inner
+
+        active = ctx.active
+        most = jnp.max(jnp.where(active, state.inner.num_pending, 0))
+        room = most + self.tree.max_depth + 1 <= state.inner.pending.shape[1]
+        run = (jnp.any(active & (state.model_hits >= self.skip_below))
+               | (jnp.max(jnp.where(active, state.skipped, 0)) >= self.probe_every - 1) | ~room)
+        model, inner = jax.lax.cond(run, run_model, root_only)
+        return model, inner, jnp.broadcast_to(run, (batch,))
 
     def propose(self, state: HybridState, ctx: Context, sampling, key, vocab: int):
         n = self.tree.num_nodes
-        model, inner = self.drafter.propose(state.inner, ctx, sampling, key, vocab)
+        model, inner, ran = self._model_round(state, ctx, sampling, key, vocab)
         model = _padded(model, n)
         lookup, _ = self.lookup.propose(None, ctx, sampling, key, vocab)
         lookup = _padded(lookup, n)
@@ -168,7 +224,7 @@ class Hybrid:
             model_expected = _expected(model_conf, model.valid[:, 1:])
         else:  # from the record alone: the confidences depend on the drawn tokens
             model_expected = _expected(jnp.broadcast_to(state.model_hits[:, None], (batch, k)),
-                                       depth < self.drafter.tree.max_depth)
+                                       (depth < self.drafter.tree.max_depth) & ran[:, None])
         lookup_expected = _expected(lookup_conf, lookup.valid[:, 1:])
         use = lookup.valid[:, 1] & (lookup_expected > model_expected)                # [B]
         pick = lambda a, b: jnp.where(use.reshape((batch,) + (1,) * (a.ndim - 1)), a, b)
@@ -183,12 +239,13 @@ class Hybrid:
         return draft, state.replace(inner=inner, model_token=model.tokens[:, 1],
                                     model_conf=model.confidence[:, 1],
                                     lookup_tokens=lookup.tokens[:, 1:],
-                                    lookup_valid=lookup.valid[:, 1:])
+                                    lookup_valid=lookup.valid[:, 1:], model_ran=ran)
 
     def commit(self, state: HybridState, ctx: Context, draft: Draft, verdict, target_logits,
                target_hidden=None):
+        behind = None if self.skip_below is None else ~state.model_ran
         inner = self.drafter.commit(state.inner, ctx, draft, verdict, target_logits,
-                                    target_hidden=target_hidden)
+                                    target_hidden=target_hidden, behind=behind)
         batch, k = state.lookup_tokens.shape
         rows = jnp.arange(batch)
         # The round's committed tokens: the accepted path after the root, then the next token.
@@ -198,6 +255,7 @@ class Hybrid:
         emitted = emitted.at[rows, accepted].set(verdict.next_token)[:, :k]          # [B, K]
         known = jnp.arange(k)[None, :] <= accepted[:, None]                          # [B, K]
         active = ctx.active
+        scored = active & state.model_ran          # a skipped round's first token is no guess
         model_hit = (state.model_token == emitted[:, 0]).astype(jnp.float32)
         right = (state.lookup_tokens == emitted) & state.lookup_valid & known        # [B, K]
         prefix = jnp.cumprod(right, axis=1).astype(bool)                             # [B, K]
@@ -206,8 +264,10 @@ class Hybrid:
         hits = jnp.sum(tried & right[:, 1:], axis=1)
         return state.replace(
             inner=inner,
-            model_hits=_average(state.model_hits, model_hit, active),
-            model_claimed=_average(state.model_claimed, state.model_conf, active),
+            model_hits=_average(state.model_hits, model_hit, scored),
+            model_claimed=_average(state.model_claimed, state.model_conf, scored),
+            skipped=jnp.where(active, jnp.where(state.model_ran, 0, state.skipped + 1),
+                              state.skipped),
             lookup_first=_average(state.lookup_first, right[:, 0].astype(jnp.float32),
                                   active & state.lookup_valid[:, 0]),
             lookup_next=_average(state.lookup_next, hits / jnp.maximum(tries, 1),
