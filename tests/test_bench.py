@@ -117,3 +117,25 @@ def test_chat_bench_batched_on_smollm2(tmp_path):
         entry = data["methods"][name]
         assert entry["identical"] and entry["batch2"]["tokens"] > 0 and "chat" not in entry
     assert "| prompt_lookup |" in (tmp_path / "chat.md").read_text()
+
+
+def test_chat_bench_adds_an_exported_eagle_and_refuses_bad_ones(tmp_path):
+    import jaxspec as js
+    from jaxspec.bench.chat_bench import method_table
+    from jaxspec.models import create
+    from jaxspec.models.config import ModelConfig
+
+    config = ModelConfig(family="llama", vocab_size=32, hidden_size=32, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=64)
+    target, other = create(config, 0), create(config, 1)
+    js.Eagle.create(target, num_tokens=3).save(tmp_path / "mine")
+    js.Eagle.create(other, num_tokens=3).save(tmp_path / "theirs")
+    methods = method_table(target, [f"new={tmp_path / 'mine'}"])
+    assert methods["new_k2"].tree == js.trees.chain(2) and methods["new_k3"].tree == js.trees.chain(3)
+    assert isinstance(methods["hybrid_new"], js.Hybrid)
+    with pytest.raises(ValueError, match=r"--eagle takes NAME=DIR, got 'mine'"):
+        method_table(target, ["mine"])
+    with pytest.raises(ValueError, match=r"--eagle gone: .*nowhere is not an exported Eagle \(no config\.json\)"):
+        method_table(target, [f"gone={tmp_path / 'nowhere'}"])
+    with pytest.raises(ValueError, match=r"this Eagle drafter was trained for another target"):
+        method_table(target, [f"theirs={tmp_path / 'theirs'}"])

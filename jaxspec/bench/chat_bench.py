@@ -56,8 +56,10 @@ def cost_curve(target, sizes=(1, 2, 4, 8, 16, 32, 64), batch: int = 1) -> dict[i
     return dict(zip(model.sizes, model.ms))
 
 
-def method_table(target) -> dict:
-    """Method name -> drafter (None = autoregressive) for a chat target."""
+def method_table(target, eagles=()) -> dict:
+    """Method name -> drafter (None = autoregressive) for a chat target; `eagles`: NAME=DIR of
+    exported Eagles to bench beside the shipped ones (a clear error when one is not a directory
+    or was trained for another target)."""
     import jaxspec as js
 
     methods = {"autoregressive": None,
@@ -88,6 +90,17 @@ def method_table(target) -> dict:
         methods["hybrid_k2_skip45"] = js.Hybrid(drafter.with_tree(num_tokens=2), skip_below=0.45)
         for v in (4096, 2048):  # VocabTrim: the v most frequent of the head's tokens
             methods[f"eagle_k3_v{v}"] = trimmed(drafter, v).with_tree(num_tokens=3)
+    for spec in eagles:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--eagle takes NAME=DIR, got {spec!r}")
+        if not Path(path, "config.json").is_file():
+            raise ValueError(f"--eagle {name}: {path} is not an exported Eagle (no config.json)")
+        other = js.Eagle.load(path)
+        other.check_compatible(target)
+        for k in (2, 3):
+            methods[f"{name}_k{k}"] = other.with_tree(num_tokens=k)
+        methods[f"hybrid_{name}"] = js.Hybrid(other.with_tree(num_tokens=2))
     medusa = shipped_drafter(target, "medusa")
     if medusa is not None:
         methods["medusa_tree"] = medusa
@@ -325,7 +338,7 @@ def main(args) -> int:
     from rich.progress import Progress
 
     target = js.load(args.model)
-    methods = method_table(target)
+    methods = method_table(target, getattr(args, "eagle", ()) or ())
     methods = selected_methods(methods, args.methods)
     prompts = load_prompts()
     batch = getattr(args, "batch", 1) or 1

@@ -159,41 +159,6 @@ def build_prompts(count: int = 1200, seed: int = 0) -> list[list[dict]]:
     return prompts
 
 
-def _long_docstrings(limit: int, rng: random.Random) -> list[tuple[str, str]]:
-    """(name, docstring) pairs of 400-2500 characters from the standard library, shuffled."""
-    files = stdlib_files()
-    rng.shuffle(files)
-    root = stdlib_root()
-    out = []
-    for path in files:
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        module = path.relative_to(root).with_suffix("").as_posix().replace("/", ".")
-        for node in [tree] + [n for n in ast.walk(tree)
-                              if isinstance(n, (ast.FunctionDef, ast.ClassDef))]:
-            doc = ast.get_docstring(node)
-            if doc and 400 <= len(doc) <= 2500:
-                out.append((module if node is tree else f"{module}.{node.name}", doc.strip()))
-        if len(out) >= limit:
-            break
-    return out[:limit]
-
-
-def document_conversations(count: int = 400, seed: int = 1) -> list[list[dict]]:
-    """Two-turn conversations whose answer is a standard-library docstring (not the target's
-    words): features of text the target reads, labelled with what it would have said
-    (`compute_features(..., labels=True)`), widen a drafter's training data cheaply, since a
-    forward over given text costs far less per token than generating it."""
-    rng = random.Random(seed)
-    questions = ["What does `{n}` do?", "Explain `{n}`.", "Describe the purpose of `{n}`.",
-                 "How do I use `{n}`?", "Give me an overview of `{n}`."]
-    return [[{"role": "user", "content": rng.choice(questions).format(n=name)},
-             {"role": "assistant", "content": doc}]
-            for name, doc in _long_docstrings(count, rng)]
-
-
 # -- self-instruct: the target writes the user requests it is then asked to answer --------------
 
 # Written for this file, none from the held-out benchmark (a test checks; the shipped drafters'

@@ -22,11 +22,12 @@ DATA = ["--target", "smollm2-135m-instruct", "--prompts", "4", "--gen-batch", "4
 
 def test_eagle_then_medusa_recipes(tmp_path, capsys):
     from jaxspec.train.recipes import eagle, medusa
+    from jaxspec.train.recipes.features import load_features
 
     work = tmp_path / "work"
-    assert eagle.main(DATA + ["--work", str(work), "--documents", "0", "--num-tokens", "2"]) == 0
+    assert eagle.main(DATA + ["--work", str(work), "--documents", "3", "--num-tokens", "2"]) == 0
     for name in ("corpus/done.json", "corpus_si/done.json", "requests.json", "prompts_si.json",
-                 "features.npz", "features_si.npz", "export/config.json"):
+                 "features.npz", "features_si.npz", "documents.npz", "export/config.json"):
         assert (work / name).exists(), name
     requests = json.loads((work / "requests.json").read_text())["requests"]
     assert len(requests) >= 2 and all(isinstance(r, str) and r for r in requests)
@@ -34,7 +35,10 @@ def test_eagle_then_medusa_recipes(tmp_path, capsys):
     texts = [p[0]["content"] for p in prompts]
     assert len(prompts) == 4 and sum(t in requests for t in texts) == 2   # 2 requests, 2 passages
     timings = json.loads((work / "timings.json").read_text())
-    assert {"corpus", "requests", "corpus_si", "features", "train"} <= set(timings)
+    assert {"corpus", "requests", "corpus_si", "features", "document_features", "train"} <= set(timings)
+    exported = json.loads((work / "export/config.json").read_text())["training"]
+    assert exported["documents"] == 3
+    assert exported["train_sequences"] == len(load_features(work / "documents.npz")) + 8 - 2
 
     assert medusa.main(DATA + ["--work", str(work), "--heads", "2"]) == 0
     timings_after = json.loads((work / "timings.json").read_text())

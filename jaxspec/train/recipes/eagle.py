@@ -3,7 +3,9 @@
 Stages (each resumes from what is already in --work):
   1-2. corpus, self-instruct corpus, features: jaxspec/train/recipes/features.py (shared with
        `jaxspec train medusa`)
-  2b. documents (--documents N) features on docstring conversations the target did not write
+  2b. reading (--documents N) features on conversations whose answers are local texts the target
+      did not write (jaxspec.train.reading: docstrings, package READMEs, the Python reference,
+      standard-library code), labelled with the target's greedy tokens
   3. train     jaxspec.train.eagle's loss through trainer.train (orbax checkpoints, exact resume)
   4. export    Eagle.save(--out) with a model card (data, steps, held-out accuracy, timings)
 """
@@ -26,8 +28,9 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default="eagle_work")
     parser.add_argument("--out", default=None, help="export directory (default WORK/export)")
     parser.add_argument("--documents", type=int, default=800,
-                        help="extra training conversations whose answers are standard-library "
-                             "docstrings (read by the target, labelled with its greedy tokens)")
+                        help="extra training conversations whose answers are local texts "
+                             "(docstrings, package READMEs, the Python reference, standard-library "
+                             "code; read by the target, labelled with its greedy tokens)")
     parser.add_argument("--head-tokens", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -55,18 +58,15 @@ def main(argv=None) -> int:
         return 0
     train_items, eval_items, seqs = prepared
     n_sequences = len(train_items) + len(eval_items)
-    # VocabTrim: the most frequent tokens the target itself says in its answers.
-    head_ids = eagle_train.head_token_ids(
-        [(it[0][p:],) for it, (_, p) in zip(train_items, seqs)],
-        target.config.vocab_size, args.head_tokens, always=stops)
+    doc_starts = []
     if args.documents:
         doc_file = work / "documents.npz"
         if doc_file.exists():
             docs = load_features(doc_file)
         else:
-            from jaxspec.train.prompts import document_conversations
+            from jaxspec.train.reading import reading_conversations
 
-            convs = document_conversations(args.documents)
+            convs = reading_conversations(args.documents)
             doc_seqs = []
             for conv in convs:
                 ids = target.tokenizer.apply_chat_template(conv, add_generation_prompt=False)
@@ -77,6 +77,12 @@ def main(argv=None) -> int:
                 labels=True))
             save_features(doc_file, docs)
         train_items = train_items + docs
+        doc_starts = [(None, 0)] * len(docs)  # its labels everywhere: prompts are a small share
+    # VocabTrim: the tokens the target itself says most often, counted over its greedy labels on
+    # the answers of every training sequence (its own answers and the reading data).
+    answers = [(it[2][p:],) for it, (_, p) in zip(train_items, seqs + doc_starts)]
+    head_ids = eagle_train.head_token_ids(answers, target.config.vocab_size, args.head_tokens,
+                                          always=stops)
     print(f"{len(train_items)} train / {len(eval_items)} held-out sequences, "
           f"{sum(len(it[0]) for it in train_items)} train tokens; head {len(head_ids)} tokens", flush=True)
 
@@ -103,8 +109,8 @@ def main(argv=None) -> int:
     # head_order: head positions by descending frequency, so a smaller VocabTrim head can be cut
     # from this one without retraining (jaxspec.bench.chat_bench.trimmed).
     counts = np.zeros(target.config.vocab_size, np.int64)
-    for it, (_, p) in zip(train_items, seqs):
-        np.add.at(counts, it[0][p:], 1)
+    for (labels,) in answers:
+        np.add.at(counts, labels, 1)
     order = np.argsort(-counts[head_ids], kind="stable").astype(np.int32)
     final = dict(result.params, head_ids=jnp.asarray(head_ids), head_order=jnp.asarray(order))
     trained = Eagle(params=final, config=drafter.config, num_tokens=args.num_tokens,
