@@ -87,12 +87,16 @@ class FeatureBatches:
     """Fixed-shape batches over (tokens, features) pairs, a pure function of the position.
 
     Each sequence is cut into windows of `length + 3` tokens; position p is the p-th window of an
-    endless stream of epochs, each a seeded permutation (so resume is exact)."""
+    endless stream of epochs, each a seeded permutation (so resume is exact). `starts` (one per
+    item, e.g. prompt lengths) marks the tokens before it not valid, so a loss or metric counts
+    only the predictions of later tokens (an answer's): a held-out score that counted the
+    prompt's tokens (a fixed system prompt, predicted almost perfectly) would flatter the drafter."""
 
     items: list
     length: int = 128
     batch_size: int = 8
     seed: int = 0
+    starts: list | None = None
 
     def __post_init__(self):
         win = self.length + 3
@@ -104,6 +108,9 @@ class FeatureBatches:
                     self.windows.append((i, s))
         if not self.windows:
             raise ValueError("no training windows: the sequences are too short")
+        if self.starts is not None and len(self.starts) != len(self.items):
+            raise ValueError(f"starts needs one entry per item: {len(self.starts)} for "
+                             f"{len(self.items)} items")
         self.win = win
 
     def _window(self, w):
@@ -117,6 +124,8 @@ class FeatureBatches:
         out_t[:n], out_f[:n] = t, f
         valid = np.zeros(self.win, bool)
         valid[:n] = True
+        if self.starts is not None:
+            valid[:max(0, self.starts[i] - s)] = False
         # The target's greedy next token at each position (the tokens' own shift when absent).
         out_l = np.zeros(self.win, np.int32)
         if len(self.items[i]) > 2:

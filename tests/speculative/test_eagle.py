@@ -682,3 +682,20 @@ def test_feature_batches_are_a_pure_function_of_position(trained):
     assert not np.array_equal(other_seed.batch(0)[0]["tokens"], data.batch(0)[0]["tokens"])
     with pytest.raises(ValueError, match="no training windows"):
         eagle_train.FeatureBatches([(np.arange(5, dtype=np.int32), np.zeros((5, 32)))])
+
+
+def test_feature_batches_starts_leave_only_later_tokens_valid(trained):
+    _, _, _, items = trained
+    starts = [min(9, len(it[0]) - 1) for it in items]
+    data = eagle_train.FeatureBatches(items, length=8, batch_size=1, seed=3)
+    answers = eagle_train.FeatureBatches(items, length=8, batch_size=1, seed=3, starts=starts)
+    assert answers.windows == data.windows
+    for position in range(len(data.windows)):
+        all_rows, answer_rows = data.batch(position)[0], answers.batch(position)[0]
+        i, s = data.windows[int(np.random.default_rng((3, 0)).permutation(len(data.windows))[position])]
+        want = all_rows["valid"][0] & (np.arange(data.win) + s >= starts[i])
+        np.testing.assert_array_equal(answer_rows["valid"][0], want)
+        np.testing.assert_array_equal(answer_rows["tokens"], all_rows["tokens"])
+    assert any(not answers.batch(p)[0]["valid"][0, 0] for p in range(len(data.windows)))
+    with pytest.raises(ValueError, match=r"starts needs one entry per item: 1 for \d+ items"):
+        eagle_train.FeatureBatches(items, length=8, starts=[0])

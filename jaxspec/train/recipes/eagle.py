@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     prepared = prepare(target, args, work, stage)
     if prepared is None:
         return 0
-    train_items, eval_items, seqs = prepared
+    train_items, eval_items, seqs, eval_seqs = prepared
     n_sequences = len(train_items) + len(eval_items)
     doc_starts = []
     if args.documents:
@@ -89,7 +89,9 @@ def main(argv=None) -> int:
     drafter = Eagle.create(target, num_tokens=args.num_tokens, head_tokens=args.head_tokens)
     params = dict(drafter.params, head_ids=jnp.asarray(head_ids))
     data = eagle_train.FeatureBatches(train_items, length=args.window, batch_size=args.batch_size)
-    held = eagle_train.FeatureBatches(eval_items, length=args.window, batch_size=args.batch_size)
+    # Held out: the target's answers only (a fixed system prompt would flatter the scores).
+    held = eagle_train.FeatureBatches(eval_items, length=args.window, batch_size=args.batch_size,
+                                      starts=[p for _, p in eval_seqs])
     eval_batches = [held.batch(i * args.batch_size)[0]
                     for i in range(min(8, max(1, len(held.windows) // args.batch_size)))]
     from jaxspec.speculative.drafters.eagle import head_rows
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
                     target_fingerprint=drafter.target_fingerprint)
     evals = result.evals[-1][1] if result.evals else {}
     out = Path(args.out) if args.out else work / "export"
-    card = {"target": args.target, "sequences": n_sequences, "documents": args.documents,
+    card = {"target": args.target, "sequences": n_sequences, "documents": len(doc_starts),
             "train_sequences": len(train_items),
             "train_tokens": int(sum(len(it[0]) for it in train_items)), "steps": result.step,
             "finished": result.finished, "head_tokens": int(len(head_ids)),

@@ -108,7 +108,7 @@ class Stages:
 
 
 def prepare(target, args, work: Path, stage: Stages):
-    """Stages 1, 1b and 2. Returns (train_items, eval_items, train_seqs) with items
+    """Stages 1, 1b and 2. Returns (train_items, eval_items, train_seqs, eval_seqs) with items
     (tokens [T], bfloat16 features [T, D], greedy labels [T]) and seqs (tokens, prompt length),
     or None after --corpus-only."""
     from jaxspec.train import eagle as eagle_train
@@ -141,7 +141,7 @@ def prepare(target, args, work: Path, stage: Stages):
         corpora.append(("features_si.npz", read_corpus(si_dir)))
     if args.corpus_only:
         return None
-    train_items, eval_items, train_seqs = [], [], []
+    train_items, eval_items, train_seqs, eval_seqs = [], [], [], []
     for name, corpus in corpora:  # held out: the last 5% of each corpus
         feat_file = work / name
         if feat_file.exists():
@@ -154,4 +154,5 @@ def prepare(target, args, work: Path, stage: Stages):
         train_items += items[:-n_eval]
         eval_items += items[-n_eval:]
         train_seqs += corpus[:len(items) - n_eval]
-    return train_items, eval_items, train_seqs
+        eval_seqs += corpus[len(items) - n_eval:len(items)]
+    return train_items, eval_items, train_seqs, eval_seqs

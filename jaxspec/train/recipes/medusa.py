@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     prepared = prepare(target, args, work, stage)
     if prepared is None:
         return 0
-    train_items, eval_items, seqs = prepared
+    train_items, eval_items, seqs, _ = prepared
     head_ids = eagle_train.head_token_ids(
         [(it[0][p:],) for it, (_, p) in zip(train_items, seqs)],
         target.config.vocab_size, args.head_tokens, always=stops)
