@@ -1,6 +1,6 @@
 """Eagle drafters' teacher-forced accuracy on seen, fresh and held-out prompts.
 
-Usage: python benchmarks/eagle_generalisation.py [--drafter NAME=DIR ...] [--per-set 12]
+Usage: python benchmarks/eagle_generalisation.py [--drafter NAME=DIR ...] [--medusa] [--per-set 12]
 
 For each prompt set the target (SmolLM2-135M-Instruct, float32) answers greedily (128 new
 tokens, once, shared by every drafter); each drafter is then scored on those answers with the
@@ -10,6 +10,9 @@ greedy token for the first and the second draft step, the target's true features
   * fresh      `build_prompts(seed=123)`: the same templates, prompts no drafter saw;
   * held-out   the chat benchmark's prompts (Spec-Bench-like chat set and the code prompts),
                never trained on.
+With --medusa the shipped Medusa heads are scored on the same answers (head k's top-1 on the
+target's feature at p against the target's greedy token after x_{p+k}: heads 1 and 2 are draft
+steps 1 and 2, the second with the true token in between rather than a drafted one).
 Deterministic (no timing): the gap between the sets measures memorisation, and the held-out
 column is what acceptance in `jaxspec bench` follows. Writes eagle_generalisation.{json,md}.
 """
@@ -59,6 +62,33 @@ def scores(target, drafter, items, seqs) -> dict:
     return {"top1_1": float(np.mean(top1)), "top1_2": float(np.mean(top2))}
 
 
+def medusa_scores(target, drafter, items, seqs) -> dict:
+    """The same scores for Medusa heads: head k's top-1 on f_p against the target's greedy token
+    k positions after x_{p+1} (head 1 = draft step 1, head 2 = step 2), answer labels only."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxspec.speculative.drafters.eagle import head_rows
+    from jaxspec.speculative.drafters.medusa import head_logits
+
+    params = dict(drafter.params)
+    if "lm_head" not in params:   # shared head: the target's LM-head rows of the head tokens
+        params["lm_head"] = head_rows(target.params, params["head_ids"])
+    ids = np.asarray(drafter.params["head_ids"])
+    to_head = np.full(drafter.config.vocab_size, -1)
+    to_head[ids] = np.arange(len(ids))
+    logits = jax.jit(lambda p, f: jnp.argmax(head_logits(p, f), -1))        # [T, K]
+    hits = {1: [], 2: []}
+    for (tokens, feats, labels), (_, start) in zip(items, seqs):
+        best = np.asarray(logits(params, jnp.asarray(feats, jnp.float32)))
+        for k in (1, 2):
+            # f_p predicts x_{p+k+1} (the target's greedy token there: labels[p + k]); counted
+            # when that is an answer token, p + k + 1 >= start, as Eagle's scores count them.
+            for p in range(max(start - k - 1, 0), len(tokens) - k):
+                hits[k].append(best[p, k - 1] == to_head[labels[p + k]])
+    return {"top1_1": float(np.mean(hits[1])), "top1_2": float(np.mean(hits[2]))}
+
+
 def main(argv=None) -> int:
     import jaxspec as js
     from jaxspec.bench.chat_bench import load_prompts
@@ -70,6 +100,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--drafter", action="append", default=[],
                         help="NAME=DIR of an exported Eagle (default: the shipped one)")
+    parser.add_argument("--medusa", action="store_true",
+                        help="also score the shipped Medusa heads (heads 1 and 2 as steps 1 and 2)")
     parser.add_argument("--per-set", type=int, default=12, help="prompts per set")
     parser.add_argument("--out", default="benchmarks")
     args = parser.parse_args(argv)
@@ -82,7 +114,8 @@ def main(argv=None) -> int:
     held = [c for _, _, c in held[::max(1, len(held) // args.per_set)]][:args.per_set]
     sets = {"seen": build_prompts(1280, seed=0)[:args.per_set],
             "fresh": build_prompts(args.per_set, seed=123), "held-out": held}
-    results = {name: {} for name in drafters}
+    medusa = shipped_drafter(target, "medusa") if args.medusa else None
+    results = {name: {} for name in list(drafters) + (["medusa"] if medusa is not None else [])}
     start = time.perf_counter()
     for set_name, convs in sets.items():
         seqs = answers(target, convs)
@@ -90,6 +123,9 @@ def main(argv=None) -> int:
         for name, drafter in drafters.items():
             results[name][set_name] = scores(target, drafter, items, seqs)
             print(set_name, name, results[name][set_name], flush=True)
+        if medusa is not None:
+            results["medusa"][set_name] = medusa_scores(target, medusa, items, seqs)
+            print(set_name, "medusa", results["medusa"][set_name], flush=True)
     cols = list(sets)
     lines = ["# Eagle drafters: teacher-forced top-1 on seen, fresh and held-out prompts", "",
              "Written by `python benchmarks/eagle_generalisation.py` (SmolLM2-135M-Instruct, "

@@ -166,6 +166,34 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok)  # no special tokens: decode keeps all
 
 
+def pytest_configure(config):
+    """One persistent XLA compilation cache per test session (a fresh temporary directory, also
+    used by the subprocesses the tests start: notebooks, CLI, multi-process runs). Modules drop
+    their compiled programs when they end (below), and many compile the same programs again
+    (SmolLM2's autoregressive and speculative programs, the tiny pair's): those become loads."""
+    import os
+    import tempfile
+
+    import jax
+
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxspec-tests-xla-")
+        config._jaxspec_xla_cache = os.environ["JAX_COMPILATION_CACHE_DIR"]   # removed at the end
+    cache = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    cache = getattr(config, "_jaxspec_xla_cache", None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Drop each test module's compiled programs and jax caches when it ends, so a full run's

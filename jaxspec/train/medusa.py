@@ -4,7 +4,8 @@ Data: as for Eagle (jaxspec/train/eagle.py): sequences (prompt + the target's ow
 `selfdistill.py`), the target's final hidden states at every position (`compute_features`), and
 VocabTrim head ids (`head_token_ids`). Windows of L positions carry K + 1 more tokens, so every
 head has its label: a batch is {"tokens": [B, L+K+1] int32, "features": [B, L+K+1, D] float32,
-"valid": [B, L+K+1] bool}.
+"valid": [B, L+K+1] bool} (and "answer" [B, L+K+1] bool with `starts`: labels before it are
+not counted).
 
 Loss: for positions t < L, head k (k = 1..K) on f_t is classified as x_{t+k+1} over the V' head
 tokens (cross-entropy; labels outside V' and padding are ignored), weighted by decay**(k-1)
@@ -34,13 +35,17 @@ class MedusaBatches:
     """Fixed-shape batches over (tokens [T], features [T, D]) pairs, a pure function of the
     position: each sequence is cut into windows of `length + num_heads + 1` tokens (one start
     every `length`), and position p is the p-th window of an endless stream of epochs, each a
-    seeded permutation (so resume is exact)."""
+    seeded permutation (so resume is exact). `starts` (one per item, e.g. prompt lengths) adds
+    an "answer" mask [B, win] to each batch, False before the item's start: a loss or metric then
+    counts only labels inside the answer (a held-out score that counted a fixed system prompt's
+    tokens would flatter the heads). Features before the start still predict answer tokens."""
 
     items: list
     num_heads: int
     length: int = 128
     batch_size: int = 8
     seed: int = 0
+    starts: list | None = None
 
     def __post_init__(self):
         if self.num_heads < 1 or self.length < 1:
@@ -55,6 +60,9 @@ class MedusaBatches:
                     self.windows.append((i, s))
         if not self.windows:
             raise ValueError("no training windows: the sequences are too short (need >= 3 tokens)")
+        if self.starts is not None and len(self.starts) != len(self.items):
+            raise ValueError(f"starts needs one entry per item: {len(self.starts)} for "
+                             f"{len(self.items)} items")
 
     def _window(self, w):
         i, s = self.windows[w]
@@ -66,7 +74,10 @@ class MedusaBatches:
         out_t[:n], out_f[:n] = t, f
         valid = np.zeros(self.win, bool)
         valid[:n] = True
-        return out_t, out_f, valid
+        answer = valid.copy()
+        if self.starts is not None:
+            answer[:max(0, self.starts[i] - s)] = False
+        return out_t, out_f, valid, answer
 
     def batch(self, position: int):
         n = len(self.windows)
@@ -75,8 +86,11 @@ class MedusaBatches:
             epoch, offset = divmod(k, n)
             perm = np.random.default_rng((self.seed, epoch)).permutation(n)
             rows.append(self._window(int(perm[offset])))
-        tokens, feats, valid = (np.stack(x) for x in zip(*rows))
-        return {"tokens": tokens, "features": feats, "valid": valid}, position + self.batch_size
+        tokens, feats, valid, answer = (np.stack(x) for x in zip(*rows))
+        batch = {"tokens": tokens, "features": feats, "valid": valid}
+        if self.starts is not None:
+            batch["answer"] = answer
+        return batch, position + self.batch_size
 
 
 def make_loss(config: MedusaConfig, head_ids, decay: float = 0.8, lm_head=None):
@@ -105,7 +119,10 @@ def make_loss(config: MedusaConfig, head_ids, decay: float = 0.8, lm_head=None):
         for k in range(1, k_heads + 1):
             logits = head_logits(p, f, heads=(k - 1,))[..., 0, :]                   # [B, L, V']
             label = to_head[tokens[:, k + 1:t + k + 1]]                               # [B, L]
-            mask = (valid[:, :t] & valid[:, k + 1:t + k + 1] & (label >= 0)).astype(jnp.float32)
+            mask = valid[:, :t] & valid[:, k + 1:t + k + 1] & (label >= 0)
+            if "answer" in batch:   # MedusaBatches(starts=): answer labels only
+                mask = mask & batch["answer"][:, k + 1:t + k + 1]
+            mask = mask.astype(jnp.float32)
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(label, 0))
             count = jnp.maximum(mask.sum(), 1.0)
             ce_k = (ce * mask).sum() / count

@@ -270,6 +270,21 @@ def test_loss_is_the_decayed_cross_entropy_of_x_t_plus_k_plus_1():
         total += 0.5 ** (k - 1) * np.mean(terms)
     np.testing.assert_allclose(float(loss), total / (1 + 0.5 + 0.25), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["loss"]), float(loss))
+    # An "answer" mask (MedusaBatches(starts=)): labels before row 0's answer start not counted.
+    answer = valid.copy()
+    answer[0, :4] = False
+    _, scored = medusa_train.make_loss(config, head_ids, decay=0.5)(
+        params, {"tokens": jnp.asarray(tokens), "features": jnp.asarray(feats),
+                 "valid": jnp.asarray(valid), "answer": jnp.asarray(answer)})
+    for k in range(1, k_heads + 1):
+        terms = []
+        for b in range(2):
+            for t in range(length):
+                if not (valid[b, t] and answer[b, t + k + 1]) or int(tokens[b, t + k + 1]) not in to_head:
+                    continue
+                z = logits[b, t, k - 1]
+                terms.append(np.log(np.exp(z - z.max()).sum()) + z.max() - z[to_head[int(tokens[b, t + k + 1])]])
+        np.testing.assert_allclose(float(scored[f"ce{k}"]), np.mean(terms), rtol=1e-5)
     # A frozen LM head instead of a trained one: same value when it is the same matrix.
     frozen = medusa_train.make_loss(config, head_ids, decay=0.5, lm_head=params["lm_head"])
     batch = {"tokens": jnp.asarray(tokens), "features": jnp.asarray(feats), "valid": jnp.asarray(valid)}
@@ -297,6 +312,31 @@ def test_medusa_batches(trained):
         assert hits and not b["tokens"][row, n:].any()
     with pytest.raises(ValueError, match="no training windows"):
         medusa_train.MedusaBatches([(np.arange(2, dtype=np.int32), np.zeros((2, 4)))], num_heads=2)
+
+
+def test_medusa_batches_starts_count_only_answer_labels(trained):
+    """starts: an "answer" mask False before each item's start (valid unchanged, so features
+    there still predict answer tokens); the loss then counts only answer labels."""
+    drafter, _, items, _ = trained
+    starts = [min(6, len(it[0]) - 1) for it in items]
+    data = medusa_train.MedusaBatches(items, num_heads=HEADS, length=8, batch_size=1, seed=3)
+    answers = medusa_train.MedusaBatches(items, num_heads=HEADS, length=8, batch_size=1, seed=3,
+                                         starts=starts)
+    assert "answer" not in data.batch(0)[0] and answers.windows == data.windows
+    perm = np.random.default_rng((3, 0)).permutation(len(data.windows))
+    for position in range(len(data.windows)):
+        plain, scored = data.batch(position)[0], answers.batch(position)[0]
+        i, s = data.windows[int(perm[position])]
+        np.testing.assert_array_equal(scored["valid"], plain["valid"])
+        np.testing.assert_array_equal(scored["answer"][0],
+                                      plain["valid"][0] & (np.arange(data.win) + s >= starts[i]))
+    loss = medusa_train.make_loss(drafter.config, drafter.params["head_ids"])
+    batch, _ = answers.batch(0)
+    everything = dict(batch, answer=batch["valid"])
+    first = lambda b: float(loss(drafter.params, jax.tree_util.tree_map(jnp.asarray, b))[1]["ce1"])
+    assert first(everything) == pytest.approx(first({k: v for k, v in batch.items() if k != "answer"}))
+    with pytest.raises(ValueError, match=r"starts needs one entry per item: 1 for \d+ items"):
+        medusa_train.MedusaBatches(items, num_heads=HEADS, starts=[0])
 
 
 # -- 3. sampling ------------------------------------------------------------------------------------

@@ -51,15 +51,17 @@ def main(argv=None) -> int:
     prepared = prepare(target, args, work, stage)
     if prepared is None:
         return 0
-    train_items, eval_items, seqs, _ = prepared
+    train_items, eval_items, seqs, eval_seqs = prepared
     head_ids = eagle_train.head_token_ids(
         [(it[0][p:],) for it, (_, p) in zip(train_items, seqs)],
         target.config.vocab_size, args.head_tokens, always=stops)
     pairs = lambda items: [(it[0], it[1]) for it in items]  # noqa: E731 (tokens, features)
     data = medusa_train.MedusaBatches(pairs(train_items), num_heads=args.heads,
                                       length=args.window, batch_size=args.batch_size)
+    # Held out: labels inside the target's answers only (a fixed system prompt would flatter it).
     held = medusa_train.MedusaBatches(pairs(eval_items), num_heads=args.heads,
-                                      length=args.window, batch_size=args.batch_size)
+                                      length=args.window, batch_size=args.batch_size,
+                                      starts=[p for _, p in eval_seqs])
     eval_batches = [held.batch(i * args.batch_size)[0]
                     for i in range(min(8, max(1, len(held.windows) // args.batch_size)))]
     print(f"{len(train_items)} train / {len(eval_items)} held-out sequences, "
