@@ -1,4 +1,5 @@
-"""Where the shipped Eagle's held-out accuracy is lost: by category and by position in the sequence.
+"""Where the shipped Eagle's held-out accuracy is lost: by category, by position in the sequence,
+and against its own confidence (the value sizing reads).
 
 Usage: python benchmarks/eagle_accuracy_by_position.py
 
@@ -8,6 +9,9 @@ top-1 agreement with the target's greedy token, answer positions only, per categ
 128-position bucket of the sequence. A second column runs the drafter with its attention limited
 to the last 131 positions (its training window, `FeatureBatches(length=128)` + 3): if long contexts
 were out of distribution for its attention, that column would be higher at later positions.
+A third table bins the drafter's confidence in its top-1 token (its softmax probability over the
+head tokens) and gives the top-1 hit rate per bin, overall and per category: how far a per-row
+scale (hits / claimed, `costs.calibrated_confidence`) is from a per-confidence calibration.
 Deterministic (no timing). Writes eagle_accuracy_by_position.{json,md}.
 """
 
@@ -22,6 +26,7 @@ import numpy as np
 
 WINDOW = 131   # FeatureBatches(length=128) windows: 128 + 3 tokens
 CHUNK = 32
+CONF_BINS = [0.0, 0.2, 0.4, 0.6, 0.8]   # lower edges
 
 
 def main(argv=None) -> int:
@@ -54,11 +59,14 @@ def main(argv=None) -> int:
         t = tokens.shape[1] - 2
         x1 = draft_features(params, drafter.config, feats[:, :t], embed[tokens[:, 1:t + 1]])
         h1, _ = step_one(params, drafter.config, x1, jnp.arange(t)[None])
-        return jnp.argmax(head_logits(head, h1), -1)
+        probs = jax.nn.softmax(head_logits(head, h1), -1)
+        return jnp.argmax(probs, -1), jnp.max(probs, -1)
 
-    def run(tokens, feats):
-        return np.asarray(predict(drafter.params, jnp.asarray(tokens)[None],
-                                  jnp.asarray(feats, jnp.float32)[None]))[0]
+    def run(tokens, feats, with_confidence=False):
+        best, conf = predict(drafter.params, jnp.asarray(tokens)[None],
+                             jnp.asarray(feats, jnp.float32)[None])
+        best, conf = np.asarray(best)[0], np.asarray(conf)[0]
+        return (best, conf) if with_confidence else best
 
     def windowed(tokens, feats):
         """Each chunk of CHUNK predictions made from at most WINDOW positions of context."""
@@ -71,18 +79,27 @@ def main(argv=None) -> int:
         return out
 
     hits = {"category": defaultdict(lambda: ([], [])), "position": defaultdict(lambda: ([], []))}
+    by_conf = defaultdict(lambda: ([], []))        # (category or "all", bin) -> (confidences, hits)
     for (tokens, feats, labels), (_, p), (_, category, _) in zip(items, seqs, prompts):
-        full, short = run(tokens, feats), windowed(tokens, feats)
+        (full, conf), short = run(tokens, feats, with_confidence=True), windowed(tokens, feats)
         for q in range(max(p - 1, 0), len(tokens) - 2):      # predicts labels[q + 1], an answer token
             label = to_head[labels[q + 1]]
             for key, group in ((category, "category"),
                                (f"{128 * min(q // 128, 3)}-", "position")):
                 hits[group][key][0].append(full[q] == label)
                 hits[group][key][1].append(short[q] == label)
+            for key in ("all", category):
+                low = [b for b in CONF_BINS if conf[q] >= b][-1]
+                by_conf[(key, low)][0].append(float(conf[q]))
+                by_conf[(key, low)][1].append(full[q] == label)
     results = {group: {key: {"positions": len(a), "top1": round(float(np.mean(a)), 4),
                              "top1_window": round(float(np.mean(b)), 4)}
                        for key, (a, b) in table.items()}
                for group, table in hits.items()}
+    results["confidence"] = {f"{key} {low:.1f}": {"positions": len(c),
+                                                   "confidence": round(float(np.mean(c)), 4),
+                                                   "top1": round(float(np.mean(h)), 4)}
+                             for (key, low), (c, h) in sorted(by_conf.items())}
     lines = ["# The shipped Eagle's held-out accuracy by category and by position", "",
              "Written by `python benchmarks/eagle_accuracy_by_position.py` (SmolLM2-135M-Instruct, "
              f"float32, greedy answers of 128 new tokens to the {len(prompts)} chat benchmark "
@@ -93,6 +110,15 @@ def main(argv=None) -> int:
                                 [[k, v["positions"], f"{v['top1']:.3f}", f"{v['top1_window']:.3f}"]
                                  for k, v in sorted(results[group].items())])
         lines.append("")
+    groups = ["all"] + sorted(results["category"])
+    lines += ["Top-1 hit rate by the drafter's confidence (mean confidence -> hit rate, positions):", ""]
+    lines += markdown_table(
+        ["confidence"] + groups,
+        [[f"[{low:.1f}, {high:.1f})"] + [
+            (lambda e: f"{e['confidence']:.2f} -> {e['top1']:.2f} ({e['positions']})" if e else "-")(
+                results["confidence"].get(f"{g} {low:.1f}")) for g in groups]
+         for low, high in zip(CONF_BINS, CONF_BINS[1:] + [1.0])])
+    lines.append("")
     write_report(Path("benchmarks"), "eagle_accuracy_by_position",
                  dict(results=results, window=WINDOW, prompts=len(prompts),
                       seconds=round(time.perf_counter() - start, 1),

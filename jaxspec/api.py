@@ -253,7 +253,8 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64,
 
 def _cost_model(model: Model, batch: int, drafter):
     """sizing="auto": the target's measured cost curve at the drafter's candidate verify sizes
-    (1, 2, 4, ... below its node count, and the node count), cached on disk after the first
+    (1, 2, 4, ... below its node count, the drafter's `verify_sizes` if it names any, and the
+    node count), cached on disk after the first
     measurement (jaxspec.speculative.costs.calibrate); for a draft model also its own one-token
     forward time (CostModel.draft_ms, the drafting cost per node)."""
     from jaxspec.speculative.costs import calibrate
@@ -265,7 +266,10 @@ def _cost_model(model: Model, batch: int, drafter):
     while s < n:
         sizes.append(s)
         s *= 2
-    curve = calibrate(model, batch, tuple(sizes) + (n,))
+    # A drafter may name sizes its drafts often fit exactly (js.Hybrid: its trained chain's
+    # root + depth), so such a draft is not verified padded to the next power of two.
+    extra = [int(x) for x in getattr(drafter, "verify_sizes", ()) if 1 <= int(x) < n]
+    curve = calibrate(model, batch, tuple(sorted(set(sizes) | set(extra))) + (n,))
     draft = getattr(drafter, "model", None)
     if isinstance(draft, Model):  # a draft model: one draft forward per drafted token
         draft_ms = calibrate(draft.replace(tokenizer=None), batch, (1,)).ms[0]

@@ -139,3 +139,57 @@ def test_chat_bench_adds_an_exported_eagle_and_refuses_bad_ones(tmp_path):
         method_table(target, [f"gone={tmp_path / 'nowhere'}"])
     with pytest.raises(ValueError, match=r"this Eagle drafter was trained for another target"):
         method_table(target, [f"theirs={tmp_path / 'theirs'}"])
+
+
+def test_chat_bench_repeats_keep_the_fastest_interleaved_run_and_name_the_slowest_prompt(monkeypatch):
+    """chat_bench.run with repeats=3: each method decodes each prompt three times, interleaved
+    (autoregressive, fast, autoregressive, fast, ...), the fastest run is kept, and summarise
+    names each method's slowest prompt with its own speedup. js.generate is replaced by a stub
+    with scripted timings (this checks the bookkeeping, not a model)."""
+    import types
+
+    import numpy as np
+
+    import jaxspec
+    import jaxspec.chat
+    from jaxspec.bench import chat_bench
+
+    # Per (prompt, method): the seconds of its three timed runs (the first prompt's bucket is
+    # warmed up once per method, 9 s).
+    scripted = {("p1", None): [2.0, 1.0, 1.5], ("p1", "fast"): [0.9, 0.5, 0.8],
+                ("p2", None): [1.0, 1.2, 1.1], ("p2", "fast"): [1.3, 1.25, 2.0]}
+    calls = []
+
+    def fake_generate(target, convs, max_new_tokens, drafter=None):
+        pid = convs[0][0]["content"]
+        warm = not any(d == drafter for _, d in calls)   # one bucket: one warm-up per method
+        timed = sum(c == (pid, drafter) for c in calls) - (pid == "p1")   # earlier timed runs
+        calls.append((pid, drafter))
+        seconds = 9.0 if warm else scripted[(pid, drafter)][timed]
+        return types.SimpleNamespace(
+            tokens=np.arange(8)[None], lengths=np.asarray([8]),
+            stats={"seconds": seconds, "mean_accepted": 0.5, "target_steps": [5],
+                   "accepted": [2], "accepted_by_position": [[2, 0]]})
+
+    monkeypatch.setattr(jaxspec, "generate", fake_generate)
+    monkeypatch.setattr(jaxspec.chat, "encode_conversation", lambda tok, conv: [1, 2, 3])
+    prompts = [(p, "qa", [{"role": "user", "content": p}]) for p in ("p1", "p2")]
+    target = types.SimpleNamespace(tokenizer=None)
+    rows = chat_bench.run(target, {"autoregressive": None, "fast": "fast"}, prompts, 8, repeats=3)
+    # Warm-ups first (one per method and prompt bucket), then the timed passes interleaved.
+    assert calls[2:8] == [("p1", None), ("p1", "fast")] * 3
+    assert [r["seconds"] for r in rows["autoregressive"]] == [1.0, 1.0]
+    assert [r["seconds"] for r in rows["fast"]] == [0.5, 1.25]
+    assert rows["autoregressive"][0]["seconds_all"] == [2.0, 1.0, 1.5]
+    assert rows["fast"][1]["seconds_all"] == [1.3, 1.25, 2.0]
+    summary = chat_bench.summarise(rows)
+    assert summary["fast"]["slowest_prompt"] == {"id": "p2", "speedup": pytest.approx(1.0 / 1.25)}
+    assert summary["fast"]["overall"]["speedup"] == pytest.approx(2.0 / 1.75)
+
+
+def test_bench_refuses_repeats_below_one():
+    parser = argparse.ArgumentParser()
+    harness.add_arguments(parser)
+    args = parser.parse_args(["--repeats", "0"])
+    with pytest.raises(ValueError, match="--repeats must be >= 1, got 0"):
+        harness.main(args)

@@ -236,7 +236,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=int, default=6, help="held-out code prompts")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per prompt (best kept)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per prompt, best kept (default 2; with --model 1, "
+                             "interleaved across the methods)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     parser.add_argument("--out", default="benchmarks")
     parser.add_argument("--name", default=None)
@@ -249,9 +251,12 @@ def main(args) -> int:
     import jaxspec as js
     from rich.progress import Progress
 
+    if getattr(args, "repeats", None) is not None and args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if getattr(args, "model", None):
         from jaxspec.bench.chat_bench import main as chat_main
         return chat_main(args)
+    args.repeats = args.repeats or 2
 
     if args.target:
         target_dir, draft_dir = args.target, args.draft

@@ -304,7 +304,7 @@ def test_calibrate_caches_on_disk(tiny, counted, _isolated_cost_cache):
     first = calibrate(target, 3, sizes=(1, 2, 4, 5))
     assert counted == [(4, (1, 2, 4, 5))]                 # batch bucketed to a power of two
     files = _cost_files(_isolated_cost_cache)
-    assert len(files) == 1 and CostModel.from_table(json.loads(files[0].read_text())) == first
+    assert len(files) == 1 and CostModel.from_table(json.loads(files[0].read_text())["ms"]) == first
     assert calibrate(target, 4, sizes=(1, 2, 4, 5)) == first     # same bucket: read back
     assert calibrate(target, 3, sizes=(1, 2, 4, 5)) == first
     assert len(counted) == 1
@@ -321,7 +321,9 @@ def test_calibrate_caches_on_disk(tiny, counted, _isolated_cost_cache):
 
 
 @pytest.mark.parametrize("damage", [b"{not json", b"\xff\xfe\x00garbage", b"[1, 2]", b"{}",
-                                    b'{"1": -1.0, "2": 1.0}', b'{"x": 1.0}', b'{"1": "fast"}'])
+                                    b'{"1": -1.0, "2": 1.0}', b'{"x": 1.0}', b'{"1": "fast"}',
+                                    b'{"ms": {"1": -1.0}, "load": 0.1}', b'{"ms": {"1": 2.0}}',
+                                    b'{"ms": {"1": 2.0}, "load": "busy"}'])
 def test_a_damaged_cache_file_is_measured_again(tiny, counted, _isolated_cost_cache, damage):
     target = tiny.make_model(0)
     first = calibrate(target, 1, sizes=(1, 2))
@@ -329,8 +331,29 @@ def test_a_damaged_cache_file_is_measured_again(tiny, counted, _isolated_cost_ca
     path.write_bytes(damage)
     assert calibrate(target, 1, sizes=(1, 2)) == first
     assert len(counted) == 2
-    assert CostModel.from_table(json.loads(path.read_text())) == first   # rewritten, valid
+    assert CostModel.from_table(json.loads(path.read_text())["ms"]) == first   # rewritten, valid
     assert calibrate(target, 1, sizes=(1, 2)) == first and len(counted) == 2
+
+
+def test_a_curve_measured_on_a_busy_machine_is_measured_again_when_it_is_quieter(
+        tiny, counted, _isolated_cost_cache, monkeypatch):
+    """An entry records the load it was measured at; one measured above costs.BUSY is measured
+    again once the load is below half of that, and kept otherwise."""
+    target = tiny.make_model(0)
+    load = {"now": 0.9}
+    monkeypatch.setattr(costs, "machine_load", lambda: load["now"])
+    calibrate(target, 1, sizes=(1, 2))
+    (path,) = _cost_files(_isolated_cost_cache)
+    assert json.loads(path.read_text())["load"] == 0.9
+    load["now"] = 0.6                                     # still busy: the entry stands
+    calibrate(target, 1, sizes=(1, 2))
+    assert len(counted) == 1
+    load["now"] = 0.3                                     # quieter than half: measured again
+    calibrate(target, 1, sizes=(1, 2))
+    assert len(counted) == 2 and json.loads(path.read_text())["load"] == 0.3
+    load["now"] = 0.0                                     # measured quiet: kept whatever comes
+    calibrate(target, 1, sizes=(1, 2))
+    assert len(counted) == 2
 
 
 def test_refresh_measures_again(tiny, counted, monkeypatch, tmp_path):

@@ -246,6 +246,53 @@ def test_sampling_distribution_chi_square(skip_below, probe_every):
     assert wrong < 1e-3
 
 
+def test_lookup_wins_by_expected_tokens_per_ms_of_the_cost_curve():
+    """lookup_wins by hand: row 0's lookup chain (8 deep, middling records) expects more accepted
+    tokens than the Eagle's chain of 2 but fewer per ms at its best verify size, so the Eagle's
+    chain is verified; row 1's sure lookup chain wins either way. Without a cost model (sizing
+    None, or choose_by="tokens") the tokens decide, as before."""
+    from jaxspec.speculative.drafters.hybrid import lookup_wins
+
+    costs = CostModel(sizes=(1, 2, 3, 4, 8, 9), ms=(20.0, 22.0, 23.5, 25.0, 29.5, 30.5))
+    depth = np.arange(8)
+    # Per-depth confidences r_1, then r_n (running products r_1 r_n^(d-1)), as the hybrid gives.
+    lookup_conf = np.where(depth == 0, [[0.4], [0.9]], [[0.7], [0.9]]).astype(np.float32)
+    lookup_valid = np.ones((2, 8), bool)
+    model_conf = np.zeros((2, 8), np.float32)
+    model_conf[:, :2] = [0.6, 0.5]
+    model_valid = np.broadcast_to(depth < 2, (2, 8))
+
+    def best_rate(conf, valid):                      # written out: max_s (1 + E_s) / ms(s)
+        reach = np.cumsum(np.cumprod(np.where(valid, conf, 0.0)))
+        return max((1 + (reach[s - 2] if s > 1 else 0.0)) / ms for s, ms in zip(costs.sizes, costs.ms))
+
+    want = [best_rate(lookup_conf[r], lookup_valid[r]) > best_rate(model_conf[r], model_valid[r])
+            for r in range(2)]
+    assert want == [False, True]
+    got = lookup_wins(jnp.asarray(model_conf), jnp.asarray(model_valid), jnp.asarray(lookup_conf),
+                      jnp.asarray(lookup_valid), costs)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    tokens_rule = lookup_wins(jnp.asarray(model_conf), jnp.asarray(model_valid),
+                              jnp.asarray(lookup_conf), jnp.asarray(lookup_valid), None)
+    np.testing.assert_array_equal(np.asarray(tokens_rule), [True, True])   # 1.26 > 0.9 accepted
+
+
+def test_cost_curve_is_measured_at_the_eagle_chains_size(target, monkeypatch):
+    """js.generate's sizing="auto" measures the hybrid's curve at 1, 2, 4, 8 and its node count
+    plus its Eagle chain's root + depth (3), so a round verifying that whole chain is not padded
+    to a 4-token forward."""
+    from jaxspec import api
+
+    seen = []
+    monkeypatch.setattr("jaxspec.speculative.costs.calibrate",
+                        lambda model, batch, sizes: seen.append(sizes) or CostModel(
+                            sizes=sizes, ms=tuple(float(s) for s in sizes)))
+    drafter = Hybrid(Eagle.create(target, num_tokens=2, key=1), js.PromptLookup(num_tokens=8))
+    assert drafter.verify_sizes == (3,)
+    api._cost_model(target, 1, drafter)
+    assert seen == [(1, 2, 3, 4, 8, 9)]
+
+
 def test_refusals(target):
     eagle = Eagle.create(target, num_tokens=2, key=1)
     with pytest.raises(ValueError, match="must be a js.Eagle chain"):
@@ -265,3 +312,6 @@ def test_refusals(target):
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="probe_every is a number of rounds >= 1"):
             Hybrid(eagle, probe_every=bad)
+    with pytest.raises(ValueError, match=r"choose_by is 'rate' \(expected tokens per ms of the "
+                                         r"cost curve\) or 'tokens', got 'speed'"):
+        Hybrid(eagle, choose_by="speed")

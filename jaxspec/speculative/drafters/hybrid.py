@@ -4,14 +4,21 @@ A trained feature drafter (js.Eagle) guesses the next tokens of any text but rar
 one or two; prompt lookup guesses nothing most of the time, but when the answer copies its
 context (summaries, quoted passages, repeated lines, code edits) its continuation runs long.
 Each round both propose a chain for every row, and each row verifies the one expected to commit
-more tokens:
+more tokens per ms of the target's measured cost curve, each at its best verify size (with
+`sizing=None`, no curve: more tokens), from these per-depth probabilities:
 
-  trained drafter: sum over depths d of prod_{i <= d} c_i, its per-node confidences scaled by
+  trained drafter: depth d accepted with prod_{i <= d} c_i, its per-node confidences scaled by
                    the row's record (how often its first token was the target's, over how
                    confident it claimed to be; exponential averages over earlier rounds);
-  prompt lookup:   only where it matched, sum over its proposed depths of r_1 * r_n^(d - 1),
-                   r_1 the row's record of its first token being right where it matched, r_n
-                   the record of a deeper token being right once its parent was.
+  prompt lookup:   only where it matched, depth d accepted with r_1 * r_n^(d - 1), r_1 the
+                   row's record of its first token being right where it matched, r_n the
+                   record of a deeper token being right once its parent was.
+The expected committed tokens of a chain verified at size s are 1 plus the sum of those over its
+first s - 1 depths; a chain's score is the best such count per ms of the cost curve over the
+curve's sizes (`lookup_wins`). Counting tokens alone let a long lookup chain with middling records
+win over a short, likely Eagle chain only because it is long, though verifying it costs more:
+on the code prompt of the README's first command the hybrid accepted 0.23 per round against the
+Eagle alone's 0.64 (`benchmarks/bench_smollm2_cpu_chat18_repeats3.md`).
 
 Both records are kept for every round, whichever chain was verified: the tokens the round
 committed tell whether each drafter's first tokens (and lookup's continuation) were right.
@@ -46,7 +53,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxspec.speculative.costs import RATE_DECAY, RATE_PRIOR, checked_sizing
+from jaxspec.speculative.costs import RATE_DECAY, RATE_PRIOR, CostModel, checked_sizing
 from jaxspec.speculative.draft import Context, Draft
 from jaxspec.speculative.drafters.eagle import Eagle
 from jaxspec.speculative.drafters.prompt_lookup import PromptLookup
@@ -92,6 +99,29 @@ def _expected(confidence, valid):
     return jnp.sum(jnp.cumprod(jnp.where(valid, confidence, 0.0), axis=1), axis=1)
 
 
+def _rate(confidence, valid, costs: CostModel):
+    """Expected committed tokens per measured ms of a chain verified at its best size: the max
+    over the cost model's sizes s of (1 + sum_{d < s} prod_{i <= d} confidence_i) / ms(s), the
+    objective `costs.choose_size` maximises. confidence, valid: [B, K] (depths 1..K) -> [B]."""
+    reach = jnp.cumsum(jnp.cumprod(jnp.where(valid, confidence, 0.0), axis=1), axis=1)  # [B, K]
+    k = reach.shape[1]
+    rates = [(1.0 + (reach[:, min(size - 1, k) - 1] if size > 1 else jnp.zeros_like(reach[:, 0])))
+             / ms for size, ms in zip(costs.sizes, costs.ms)]
+    return jnp.max(jnp.stack(rates, axis=1), axis=1)
+
+
+def lookup_wins(model_conf, model_valid, lookup_conf, lookup_valid, costs: CostModel | None):
+    """[B] bool: the rows whose lookup chain is expected to pay more than the trained drafter's.
+
+    With a cost model: the chain with more expected committed tokens per ms at its best verify
+    size (`_rate`), so a long lookup chain of middling records does not win over a short, likely
+    trained one only because it is long (verifying it costs more). Without one (sizing=None):
+    the chain with more expected accepted tokens. Confidences and validity: [B, K] each."""
+    if costs is None:
+        return _expected(lookup_conf, lookup_valid) > _expected(model_conf, model_valid)
+    return _rate(lookup_conf, lookup_valid, costs) > _rate(model_conf, model_valid, costs)
+
+
 def _average(record, value, seen):
     """One round's evidence in an exponential average (rows not seen keep their record)."""
     return jnp.where(seen, RATE_DECAY * record + (1.0 - RATE_DECAY) * value, record)
@@ -104,7 +134,8 @@ class Hybrid:
     under greedy and sampled decoding. `sizing` ("auto", a cost model, a {tokens: ms} table or
     None) sizes every round from the chosen chain's confidences, as for the drafters alone.
     `skip_below` (None: never skip) and `probe_every` decide the rounds that run the trained
-    drafter at all (module docstring).
+    drafter at all; `choose_by` ("rate" or "tokens") how a row's chain is chosen (module
+    docstring).
     """
 
     drafter: Eagle
@@ -112,6 +143,9 @@ class Hybrid:
     sizing: object = struct.field(pytree_node=False, default="auto")
     skip_below: float | None = struct.field(pytree_node=False, default=0.3)
     probe_every: int = struct.field(pytree_node=False, default=8)
+    # How a row's chain is chosen: "rate", expected committed tokens per ms of the cost curve
+    # (when the hybrid is sized; else tokens), or "tokens", expected accepted tokens.
+    choose_by: str = struct.field(pytree_node=False, default="rate")
 
     uses_target_hidden = True
     drafts_confidence = True
@@ -133,6 +167,9 @@ class Hybrid:
         if self.skip_below is not None and not 0.0 <= self.skip_below <= 1.0:
             raise ValueError(f"Hybrid's skip_below is a first-token hit rate in [0, 1] or None, "
                              f"got {self.skip_below!r}")
+        if self.choose_by not in ("rate", "tokens"):
+            raise ValueError(f"Hybrid's choose_by is 'rate' (expected tokens per ms of the cost "
+                             f"curve) or 'tokens', got {self.choose_by!r}")
         if isinstance(self.probe_every, bool) or not isinstance(self.probe_every, int) \
                 or self.probe_every < 1:
             raise ValueError(f"Hybrid's probe_every is a number of rounds >= 1, got "
@@ -151,6 +188,14 @@ class Hybrid:
     @property
     def tree(self):
         return chain(max(self.drafter.tree.max_depth, self.lookup.num_tokens))
+
+    @property
+    def verify_sizes(self) -> tuple:
+        """Sizes the cost curve is measured at besides 1, 2, 4, ...: the trained chain's root +
+        depth, so that a round verifying the whole Eagle chain of 2 costs a 3-token forward,
+        not a 4-token one (measured on SmolLM2: the hybrid then verifies as much of the Eagle
+        chain as the Eagle alone does)."""
+        return (self.drafter.tree.max_depth + 1,)
 
     def cache_slack(self) -> int:
         return self.tree.max_depth + 1
@@ -221,12 +266,14 @@ class Hybrid:
         lookup_conf = jnp.where(depth == 0, state.lookup_first[:, None],
                                 state.lookup_next[:, None]) * jnp.ones((batch, k))  # [B, K]
         if sampling.greedy:
-            model_expected = _expected(model_conf, model.valid[:, 1:])
+            model_claim, model_valid = model_conf, model.valid[:, 1:]
         else:  # from the record alone: the confidences depend on the drawn tokens
-            model_expected = _expected(jnp.broadcast_to(state.model_hits[:, None], (batch, k)),
-                                       (depth < self.drafter.tree.max_depth) & ran[:, None])
-        lookup_expected = _expected(lookup_conf, lookup.valid[:, 1:])
-        use = lookup.valid[:, 1] & (lookup_expected > model_expected)                # [B]
+            model_claim = jnp.broadcast_to(state.model_hits[:, None], (batch, k))
+            model_valid = (depth < self.drafter.tree.max_depth) & ran[:, None]
+        costs = self.sizing if isinstance(self.sizing, CostModel) and self.choose_by == "rate" \
+            else None
+        use = lookup.valid[:, 1] & lookup_wins(model_claim, model_valid, lookup_conf,
+                                               lookup.valid[:, 1:], costs)          # [B]
         pick = lambda a, b: jnp.where(use.reshape((batch,) + (1,) * (a.ndim - 1)), a, b)
         q = None
         if model.q is not None:
