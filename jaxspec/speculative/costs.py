@@ -311,7 +311,7 @@ def calibrate(target, batch: int = 1, sizes=(1, 2, 4, 8, 16, 32, 64), table=None
     Each cache entry records the machine's load when it was measured (`machine_load`). An entry
     measured on a busy machine (load above BUSY) is measured again once the load has fallen
     below half of that: a curve timed beside other work is steeper than the machine's own
-    (SmolLM2 on the 2-core CPU: 2.9x a step for 9 tokens under load, 1.7x quiet), and sized
+    (SmolLM2 on the 2-core CPU: 3.3x a step for 9 tokens under load, 1.7x quiet), and sized
     rounds that read it verify too little for as long as it stays cached."""
     if table is not None:
         return CostModel.from_table(table)

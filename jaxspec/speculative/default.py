@@ -2,7 +2,8 @@
 
 For a target with a shipped Eagle drafter that is js.Hybrid(eagle): the Eagle chain and prompt
 lookup, the better of the two per row and round, which measured faster than either alone on
-SmolLM2 (benchmarks/bench_smollm2_cpu_chat18_reading.md: 1.20x against 1.02x and 1.16x). The
+SmolLM2 (benchmarks/bench_smollm2_cpu_chat18_repeats3.md: 1.16x against 1.03x and 1.13x, on a
+stale cost curve; 1.25x on a fresh one, bench_smollm2_cpu_chat18_hybrid_sizes.md). The
 Eagle itself is `shipped_drafter(target, "eagle")`.
 
 Shipped drafters live in `jaxspec/assets/drafters/<name>/` (config.json + model.safetensors +

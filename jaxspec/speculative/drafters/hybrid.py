@@ -15,10 +15,10 @@ more tokens per ms of the target's measured cost curve, each at its best verify 
                    record of a deeper token being right once its parent was.
 The expected committed tokens of a chain verified at size s are 1 plus the sum of those over its
 first s - 1 depths; a chain's score is the best such count per ms of the cost curve over the
-curve's sizes (`lookup_wins`). Counting tokens alone let a long lookup chain with middling records
-win over a short, likely Eagle chain only because it is long, though verifying it costs more:
-on the code prompt of the README's first command the hybrid accepted 0.23 per round against the
-Eagle alone's 0.64 (`benchmarks/bench_smollm2_cpu_chat18_repeats3.md`).
+curve's sizes (`lookup_wins`). Counting tokens alone (`choose_by="tokens"`) lets a long lookup
+chain with middling records win over a short, likely Eagle chain only because it is long, though
+verifying it costs more. On SmolLM2 the two rules measured within noise of each other
+(`benchmarks/bench_smollm2_cpu_chat18_hybrid_rate.md`: 1.25x and 1.29x, the same acceptance).
 
 Both records are kept for every round, whichever chain was verified: the tokens the round
 committed tell whether each drafter's first tokens (and lookup's continuation) were right.
