@@ -27,8 +27,22 @@ def _models(args, console):
             return target, draft, "jaxspec-tiny-code"
     with console.status(f"loading {target_name}"):
         target = js.load(target_name, dtype=args.dtype)
-        draft = js.load(args.draft, dtype=args.dtype) if args.draft else None
+        draft = _load_draft(args.draft, target, args.dtype) if args.draft else None
     return target, draft, str(target_name)
+
+
+def _load_draft(path, target, dtype):
+    """--draft DIR: a model directory (js.load), or a draft distilled for this target by
+    `jaxspec train draft` (js.DraftModel.load: it shares the target's embedding)."""
+    import json
+    from pathlib import Path
+
+    import jaxspec as js
+
+    meta = Path(path, "config.json")
+    if meta.is_file() and json.loads(meta.read_text()).get("kind") == "draft_model":
+        return js.DraftModel.load(path, target, dtype=dtype or "float32")
+    return js.load(path, dtype=dtype)
 
 
 def _drafter(name: str, target, draft, num_tokens):
@@ -55,8 +69,15 @@ def _drafter(name: str, target, draft, num_tokens):
                              "`jaxspec train eagle --target ...` or use --drafter lookup")
         return drafter if num_tokens == "auto" else drafter.with_tree(num_tokens=int(num_tokens))
     if draft is None:
-        raise ValueError("--drafter draft needs a draft model (--draft DIR)")
-    return js.DraftModel(draft, num_tokens=num_tokens if num_tokens == "auto" else int(num_tokens))
+        from jaxspec.speculative.default import shipped_drafter
+
+        draft = shipped_drafter(target, "draft_model")   # a distilled draft shipped for it
+        if draft is None:
+            raise ValueError("--drafter draft needs a draft model (--draft DIR)")
+    length = num_tokens if num_tokens == "auto" else int(num_tokens)
+    if isinstance(draft, js.DraftModel):   # distilled for this target (VocabTrim head)
+        return js.DraftModel(draft.model, num_tokens=length, head_ids=draft.head_ids)
+    return js.DraftModel(draft, num_tokens=length)
 
 
 def _prompt(args):
@@ -154,6 +175,8 @@ def cmd_train(args) -> int:
         from jaxspec.train.recipes.eagle import main as recipe_main
     elif args.recipe == "medusa":
         from jaxspec.train.recipes.medusa import main as recipe_main
+    elif args.recipe == "draft":
+        from jaxspec.train.recipes.draft import main as recipe_main
     else:
         from jaxspec.train.recipes.default_pair import main as recipe_main
     return recipe_main(args.rest) or 0
@@ -207,9 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
-    train = sub.add_parser("train", help="train models (`jaxspec train eagle|medusa --target NAME`, "
+    train = sub.add_parser("train", help="train models (`jaxspec train eagle|medusa|draft --target NAME`, "
                                          "`jaxspec train default-pair`)")
-    train.add_argument("recipe", choices=["eagle", "medusa", "default-pair"])
+    train.add_argument("recipe", choices=["eagle", "medusa", "draft", "default-pair"])
     train.add_argument("rest", nargs=argparse.REMAINDER)
     train.set_defaults(func=cmd_train)
 

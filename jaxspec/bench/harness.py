@@ -231,6 +231,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eagle", action="append", default=[], metavar="NAME=DIR",
                         help="with --model: also bench this exported Eagle (NAME_k2, NAME_k3 and "
                              "hybrid_NAME over its chain of 2), e.g. one just trained")
+    parser.add_argument("--draft-model", action="append", default=[], metavar="NAME=DIR",
+                        help="with --model: also bench this distilled draft model (`jaxspec train "
+                             "draft`: NAME_k2, NAME_k3, NAME_auto)")
     parser.add_argument("--methods", default="all",
                         help="comma-separated method names, or 'all' (autoregressive always runs)")
     parser.add_argument("--prompts", type=int, default=6, help="held-out code prompts")

@@ -242,9 +242,13 @@ def _cache_file(target, batch: int, sizes) -> Path:
     from jaxspec.models.registry import cache_dir
 
     device = jax.devices()[0]
-    key = json.dumps([repr(target.config), str(target.dtype), jax.default_backend(),
-                      getattr(device, "device_kind", ""), batch, list(sizes), DEFAULT_CACHE_LEN,
-                      os.cpu_count(), MEASURE_VERSION])
+    parts = [repr(target.config), str(target.dtype), jax.default_backend(),
+             getattr(device, "device_kind", ""), batch, list(sizes), DEFAULT_CACHE_LEN,
+             os.cpu_count(), MEASURE_VERSION]
+    head = target.params.get("lm_head", {}).get("kernel") if isinstance(target.params, dict) else None
+    if head is not None and head.shape[-1] != target.config.vocab_size:
+        parts.append(["head", int(head.shape[-1])])   # a VocabTrim draft's head (V' < V)
+    key = json.dumps(parts)
     return cache_dir() / "costs" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
 
 

@@ -38,11 +38,13 @@ def shipped_drafters() -> list[tuple[Path, dict]]:
 
 
 def shipped_drafter(target: Model, kind: str, dtype: str = "float32"):
-    """The shipped drafter of `kind` ("eagle" or "medusa") trained for this target (matched by
-    fingerprint), or None."""
+    """The shipped drafter of `kind` ("eagle", "medusa" or "draft_model") trained for this
+    target (matched by fingerprint), or None."""
+    from jaxspec.speculative.drafters.draft_model import DraftModel
     from jaxspec.speculative.drafters.medusa import Medusa
 
-    loaders = {"eagle": Eagle.load, "medusa": Medusa.load}
+    loaders = {"eagle": Eagle.load, "medusa": Medusa.load,
+               "draft_model": lambda path, dtype: DraftModel.load(path, target, dtype=dtype)}
     if kind not in loaders:
         raise ValueError(f"kind must be one of {sorted(loaders)}, got {kind!r}")
     mine = fingerprint(target)

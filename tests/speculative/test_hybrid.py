@@ -315,3 +315,19 @@ def test_refusals(target):
     with pytest.raises(ValueError, match=r"choose_by is 'rate' \(expected tokens per ms of the "
                                          r"cost curve\) or 'tokens', got 'speed'"):
         Hybrid(eagle, choose_by="speed")
+    for name in ("model_prior", "lookup_prior", "lookup_next_prior"):
+        for bad in (-0.1, 1.5, True, "high"):
+            with pytest.raises(ValueError, match=rf"{name} is a hit rate in \[0, 1\], got"):
+                Hybrid(eagle, **{name: bad})
+
+
+def test_records_start_from_the_priors(target):
+    eagle = Eagle.create(target, num_tokens=2, key=1)
+    drafter = Hybrid(eagle, js.PromptLookup(ngram=2, num_tokens=3), model_prior=0.25,
+                     lookup_prior=0.125, lookup_next_prior=0.375).bind(target)
+    prompts = jnp.asarray([[4, 5, 6, 7], [8, 9, 10, 0]], jnp.int32)
+    hidden = jnp.zeros((2, 4, target.config.hidden_size))
+    state = drafter.init(target, prompts, jnp.asarray([4, 3]), 16, target_hidden=hidden)
+    for field, value in (("model_hits", 0.25), ("model_claimed", 0.25), ("lookup_first", 0.125),
+                         ("lookup_next", 0.375)):
+        np.testing.assert_array_equal(np.asarray(getattr(state, field)), [value, value])

@@ -1,7 +1,8 @@
-"""`jaxspec train eagle` and `jaxspec train medusa` end to end on SmolLM2-135M-Instruct, at toy
-sizes: corpus, self-instruct requests and passage prompts, features, training, export, and a
-reload of each exported drafter that decodes exactly the target's greedy output. The Medusa run
-reuses the Eagle run's work directory (its corpora and features are not made again)."""
+"""`jaxspec train eagle`, `jaxspec train medusa` and `jaxspec train draft` end to end on
+SmolLM2-135M-Instruct, at toy sizes: corpus, self-instruct requests and passage prompts,
+features, training, export, and a reload of each exported drafter that decodes exactly the
+target's greedy output. The Medusa and draft runs reuse the Eagle run's work directory (its
+corpora, features and documents are not made again)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ DATA = ["--target", "smollm2-135m-instruct", "--prompts", "4", "--gen-batch", "4
         "--window", "16", "--head-tokens", "256", "--batch-size", "2", "--steps", "3"]
 
 
-def test_eagle_then_medusa_recipes(tmp_path, capsys):
-    from jaxspec.train.recipes import eagle, medusa
+def test_eagle_then_medusa_then_draft_recipes(tmp_path, capsys):
+    from jaxspec.train.recipes import draft, eagle, medusa
     from jaxspec.train.recipes.features import load_features
 
     work = tmp_path / "work"
@@ -47,9 +48,23 @@ def test_eagle_then_medusa_recipes(tmp_path, capsys):
     assert card["shared_head"] and card["training"]["steps"] == 3
     assert {"top1_1", "top1_2"} <= set(card["training"]["held_out"])
 
+    assert draft.main(DATA + ["--work", str(work), "--documents", "3", "--init-layers", "0",
+                              "--context", "32"]) == 0
+    timings_draft = json.loads((work / "timings.json").read_text())
+    assert timings_draft["document_features"] == timings["document_features"]   # reused
+    meta = json.loads((work / "draft_export/config.json").read_text())
+    assert meta["kind"] == "draft_model" and meta["head_tokens"] == 256
+    assert meta["config"]["num_layers"] == 1 and meta["training"]["steps"] == 3
+    assert {"kl", "ce", "top1"} <= set(meta["training"]["held_out"])
+    with pytest.raises(SystemExit):
+        draft.main(DATA + ["--work", str(work), "--init-layers", "0,x"])
+    assert "--init-layers is a comma-separated list of target layers, got '0,x'" \
+        in capsys.readouterr().err
+
     target = js.load("smollm2-135m-instruct")
     conv = [{"role": "user", "content": "Name a colour."}]
     want = js.generate(target, [conv], max_new_tokens=12).tokens
-    for drafter in (js.Eagle.load(work / "export"), js.Medusa.load(work / "medusa_export")):
+    for drafter in (js.Eagle.load(work / "export"), js.Medusa.load(work / "medusa_export"),
+                    js.DraftModel.load(work / "draft_export", target)):
         got = js.generate(target, [conv], max_new_tokens=12, drafter=drafter).tokens
         assert (got == want).all(), type(drafter).__name__

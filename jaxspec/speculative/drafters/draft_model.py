@@ -30,10 +30,33 @@ from jaxspec.models.cache import KVCache
 from jaxspec.models.transformer import Model, forward
 from jaxspec.sampling import Sampling, probabilities, sample
 from jaxspec.speculative.draft import Context, Draft
-from jaxspec.speculative.drafters import draft_model_tree
+from jaxspec.speculative.drafters import draft_model_files, draft_model_tree
 from jaxspec.speculative.costs import checked_calibrated, checked_sizing
 from jaxspec.speculative.drafters.base import check_num_tokens, check_same_vocabulary
 from jaxspec.speculative.trees import DynamicTree, TreeSpec, chain
+
+
+def head_width(model: Model) -> int:
+    """How many logits the model's LM head gives: its lm_head kernel's columns, else (tied) the
+    embedding's rows."""
+    if "lm_head" in model.params:
+        return int(model.params["lm_head"]["kernel"].shape[-1])
+    return int(model.params["embed"].shape[0])
+
+
+def check_head_ids(head_ids, model: Model, vocab: int) -> None:
+    """Refuse VocabTrim ids that do not match the draft's head or name no target token."""
+    shape = getattr(head_ids, "shape", None)
+    if shape is None or len(shape) != 1 or not jnp.issubdtype(head_ids.dtype, jnp.integer):
+        raise ValueError(f"head_ids must be a 1-D integer array of target token ids (VocabTrim), "
+                         f"got {type(head_ids).__name__} of shape {shape}")
+    if shape[0] != head_width(model):
+        raise ValueError(f"head_ids names {shape[0]} tokens but the draft model's head gives "
+                         f"{head_width(model)} logits")
+    ids = jax.device_get(head_ids)
+    if shape[0] and (ids.min() < 0 or ids.max() >= vocab or len(set(ids.tolist())) != shape[0]):
+        raise ValueError(f"head_ids must be distinct token ids in [0, {vocab}) (the target's "
+                         "vocabulary)")
 
 
 @struct.dataclass
@@ -65,6 +88,10 @@ class DraftModel:
     # Sized greedy rounds scale the confidences by each row's record (node 1's confidence
     # against the target's argmax, costs.calibrated_confidence); False takes them as drafted.
     calibrated: bool = struct.field(pytree_node=False, default=True)
+    # VocabTrim: int32 [V'] the target ids of the draft head's V' rows (its logits [..., V'] are
+    # placed at these ids of the target's vocabulary, -inf elsewhere, so the draft never proposes
+    # another token); None: the draft's head covers the vocabulary.
+    head_ids: jax.Array | None = None
 
     def __post_init__(self):
         if not isinstance(self.model, Model):
@@ -126,12 +153,27 @@ class DraftModel:
         """Static maximum number of draft tokens per round."""
         return self.max_tokens if self.adaptive else self.num_tokens
 
+    # -- files of a draft sharing its target's embedding (draft_model_files.py) -----------------
+    def save(self, path, dtype: str = "bfloat16", extra: dict | None = None,
+             target_fingerprint: str | None = None) -> None:
+        """Write this VocabTrim draft's own layers, final norm and head_ids (not the target's
+        embedding and head rows it shares) with a config.json."""
+        draft_model_files.save(self, path, dtype, extra, target_fingerprint)
+
+    @classmethod
+    def load(cls, path, target: Model, dtype: str = "float32", **fields) -> "DraftModel":
+        """A saved distilled draft with `target`'s embedding and head rows attached; refused for
+        another target. fields: DraftModel settings (num_tokens, sizing, ...)."""
+        return draft_model_files.load(cls, path, target, dtype, **fields)
+
     def cache_slack(self) -> int:
         """Positions past the committed length one step uses (the deepest node's, plus one)."""
         return self.tree.max_depth + 1
 
     def check_compatible(self, target: Model) -> None:
         check_same_vocabulary(target, self.model)
+        if self.head_ids is not None:
+            check_head_ids(self.head_ids, self.model, target.config.vocab_size)
         if self.tree.max_depth + 1 > self.model.config.max_position_embeddings:
             raise ValueError(f"num_tokens={self.k} is larger than the draft model's context allows")
         vocab = min(target.config.vocab_size, self.model.config.vocab_size)
@@ -162,7 +204,11 @@ class DraftModel:
                                num_tokens=jnp.full((batch,), start, jnp.int32))
 
     def _logits(self, logits, vocab: int):
-        """Draft logits [..., Vd] -> [..., V] of the target's vocabulary (padded vocabularies)."""
+        """Draft logits [..., Vd] -> [..., V] of the target's vocabulary (padded vocabularies;
+        a VocabTrim head's V' logits placed at its head_ids)."""
+        if self.head_ids is not None:
+            full = jnp.full(logits.shape[:-1] + (vocab,), -jnp.inf, logits.dtype)
+            return full.at[..., self.head_ids].set(logits)
         vd = logits.shape[-1]
         if vd >= vocab:
             return logits[..., :vocab]

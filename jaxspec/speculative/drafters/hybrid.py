@@ -135,7 +135,8 @@ class Hybrid:
     None) sizes every round from the chosen chain's confidences, as for the drafters alone.
     `skip_below` (None: never skip) and `probe_every` decide the rounds that run the trained
     drafter at all; `choose_by` ("rate" or "tokens") how a row's chain is chosen (module
-    docstring).
+    docstring); `model_prior`, `lookup_prior` and `lookup_next_prior` the records a row starts
+    from.
     """
 
     drafter: Eagle
@@ -146,6 +147,11 @@ class Hybrid:
     # How a row's chain is chosen: "rate", expected committed tokens per ms of the cost curve
     # (when the hybrid is sized; else tokens), or "tokens", expected accepted tokens.
     choose_by: str = struct.field(pytree_node=False, default="rate")
+    # The records before a row's first round: the trained drafter's first token right, lookup's
+    # first token right where it matched, a deeper lookup token right once its parent was.
+    model_prior: float = struct.field(pytree_node=False, default=RATE_PRIOR)
+    lookup_prior: float = struct.field(pytree_node=False, default=RATE_PRIOR)
+    lookup_next_prior: float = struct.field(pytree_node=False, default=NEXT_PRIOR)
 
     uses_target_hidden = True
     drafts_confidence = True
@@ -170,6 +176,11 @@ class Hybrid:
         if self.choose_by not in ("rate", "tokens"):
             raise ValueError(f"Hybrid's choose_by is 'rate' (expected tokens per ms of the cost "
                              f"curve) or 'tokens', got {self.choose_by!r}")
+        for name in ("model_prior", "lookup_prior", "lookup_next_prior"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0.0 <= value <= 1.0:
+                raise ValueError(f"Hybrid's {name} is a hit rate in [0, 1], got {value!r}")
         if isinstance(self.probe_every, bool) or not isinstance(self.probe_every, int) \
                 or self.probe_every < 1:
             raise ValueError(f"Hybrid's probe_every is a number of rounds >= 1, got "
@@ -214,13 +225,15 @@ class Hybrid:
                                   None if state is None else state.inner,
                                   target_hidden=target_hidden, window=depth + 1, capacity=capacity)
         batch = prompt_tokens.shape[0]
-        prior = jnp.full((batch,), RATE_PRIOR, jnp.float32)
+        prior = lambda value: jnp.full((batch,), value, jnp.float32)
         return HybridState(inner=inner, model_token=jnp.zeros((batch,), jnp.int32),
                            model_conf=jnp.zeros((batch,), jnp.float32),
                            lookup_tokens=jnp.zeros((batch, depth), jnp.int32),
                            lookup_valid=jnp.zeros((batch, depth), bool),
-                           model_hits=prior, model_claimed=prior, lookup_first=prior,
-                           lookup_next=jnp.full((batch,), NEXT_PRIOR, jnp.float32),
+                           model_hits=prior(self.model_prior),
+                           model_claimed=prior(self.model_prior),
+                           lookup_first=prior(self.lookup_prior),
+                           lookup_next=prior(self.lookup_next_prior),
                            model_ran=jnp.ones((batch,), bool),
                            skipped=jnp.zeros((batch,), jnp.int32))
 

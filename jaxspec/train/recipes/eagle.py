@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxspec.train.recipes.features import Stages, add_data_arguments, load_features, prepare, \
-    save_features
+from jaxspec.train.recipes.features import Stages, add_data_arguments, documents, prepare
 
 
 def main(argv=None) -> int:
@@ -58,26 +57,9 @@ def main(argv=None) -> int:
         return 0
     train_items, eval_items, seqs, eval_seqs = prepared
     n_sequences = len(train_items) + len(eval_items)
-    doc_starts = []
-    if args.documents:
-        doc_file = work / "documents.npz"
-        if doc_file.exists():
-            docs = load_features(doc_file)
-        else:
-            from jaxspec.train.reading import reading_conversations
-
-            convs = reading_conversations(args.documents)
-            doc_seqs = []
-            for conv in convs:
-                ids = target.tokenizer.apply_chat_template(conv, add_generation_prompt=False)
-                ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-                doc_seqs.append((np.asarray(ids, np.int32), 0))
-            docs = stage("document_features", lambda: eagle_train.compute_features(
-                target, doc_seqs, max_len=args.window * 3, log=lambda s: print(s, flush=True),
-                labels=True))
-            save_features(doc_file, docs)
-        train_items = train_items + docs
-        doc_starts = [(None, 0)] * len(docs)  # its labels everywhere: prompts are a small share
+    docs = documents(target, args.documents, args.window, work, stage)
+    train_items = train_items + docs
+    doc_starts = [(None, 0)] * len(docs)  # its labels everywhere: prompts are a small share
     # VocabTrim: the tokens the target itself says most often, counted over its greedy labels on
     # the answers of every training sequence (its own answers and the reading data).
     answers = [(it[2][p:],) for it, (_, p) in zip(train_items, seqs + doc_starts)]

@@ -1,4 +1,4 @@
-"""The data stages every feature-drafter recipe shares (`jaxspec train eagle|medusa`).
+"""The data stages every recipe over target features shares (`jaxspec train eagle|medusa|draft`).
 
 Each stage resumes from what is already in the work directory:
   1. corpus    the target's greedy answers to offline prompts (jaxspec.train.prompts), in shards
@@ -8,6 +8,7 @@ Each stage resumes from what is already in the work directory:
                form a second corpus (corpus_si), for diversity the templates lack
   2. features  the target's final hidden states and greedy tokens on every corpus sequence
                (features.npz, features_si.npz); the last 5% of each corpus is held out
+  2b. documents (--documents N) features of conversations whose answers are local texts (documents())
 """
 
 from __future__ import annotations
@@ -156,3 +157,27 @@ def prepare(target, args, work: Path, stage: Stages):
         train_seqs += corpus[:len(items) - n_eval]
         eval_seqs += corpus[len(items) - n_eval:len(items)]
     return train_items, eval_items, train_seqs, eval_seqs
+
+
+def documents(target, count: int, window: int, work: Path, stage: Stages) -> list:
+    """Stage 2b (--documents N): features of N conversations whose answers are local texts the
+    target did not write (jaxspec.train.reading: docstrings, package READMEs, the Python
+    reference, standard-library code), labelled with the target's greedy tokens; cached in
+    WORK/documents.npz. [] for N = 0."""
+    if not count:
+        return []
+    doc_file = work / "documents.npz"
+    if doc_file.exists():
+        return load_features(doc_file)
+    from jaxspec.train import eagle as eagle_train
+    from jaxspec.train.reading import reading_conversations
+
+    doc_seqs = []
+    for conv in reading_conversations(count):
+        ids = target.tokenizer.apply_chat_template(conv, add_generation_prompt=False)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        doc_seqs.append((np.asarray(ids, np.int32), 0))
+    docs = stage("document_features", lambda: eagle_train.compute_features(
+        target, doc_seqs, max_len=window * 3, log=lambda s: print(s, flush=True), labels=True))
+    save_features(doc_file, docs)
+    return docs
