@@ -51,11 +51,11 @@ def test_report_helpers(tmp_path, capsys):
         selected_methods(methods, "eagle_k9,eagle_k2", also=("hf_generate",))
 
 
-@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("batch", [2])
 def test_bench_profile_splits_a_round(tmp_path, batch):
-    """`jaxspec bench --profile` on the shipped pair, at batch 1 and on a ragged batch of 2:
-    every part measured, the speculative program larger than the autoregressive one, files
-    written."""
+    """`jaxspec bench --profile` on the shipped pair, on a ragged batch of 2 (batch 1 runs the
+    same code with one row; dropped from the suite for time): every part measured, the
+    speculative program larger than the autoregressive one, files written."""
     parser = argparse.ArgumentParser()
     harness.add_arguments(parser)
     args = parser.parse_args(["--profile", "--max-new-tokens", "8", "--batch", str(batch),

@@ -2,8 +2,8 @@
 
 * The id mapping: a head of V' logits lands at its head_ids of the target's vocabulary, -inf
   elsewhere, so the draft proposes only those tokens.
-* Temperature 0: identical to the target's greedy output on a ragged batch, for a chain (sized
-  and whole), a static tree and a dynamic tree.
+* Temperature 0: identical to the target's greedy output on a ragged batch, for a sized chain,
+  a static tree and a dynamic tree.
 * Sampling: the first three tokens of 2000 rows follow the target's exact law (seeded
   chi-square), for a chain and a static tree drawn without replacement, with a head that leaves
   out two of the eight tokens (the residual must bring their mass back).
@@ -69,12 +69,11 @@ def test_drafts_only_head_tokens(tiny, target, related_draft):
             assert float(np.abs(np.asarray(draft.q)[:, 1:, outside]).max()) == 0.0
 
 
-@pytest.mark.parametrize("shape", ["chain_whole", "chain_sized", "static_tree", "dynamic_tree"])
+@pytest.mark.parametrize("shape", ["chain_sized", "static_tree", "dynamic_tree"])
 def test_greedy_identical_to_autoregressive(shape, tiny, target, related_draft, greedy_ref):
     draft = trimmed(related_draft, HEAD_IDS)
     ids = jnp.asarray(HEAD_IDS)
     drafter = {
-        "chain_whole": lambda: js.DraftModel(draft, num_tokens=3, head_ids=ids, sizing=None),
         "chain_sized": lambda: js.DraftModel(draft, num_tokens=3, head_ids=ids,
                                              sizing=CostModel(sizes=(1, 2, 4), ms=(1.0, 1.2, 1.5))),
         "static_tree": lambda: js.DraftModel(draft, tree=js.trees.kary(2, 2), head_ids=ids),
