@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from jaxspec.train.recipes.features import Stages, add_data_arguments, documents, prepare
+from jaxspec.train.recipes.features import add_data_arguments, documents, start
 
 
 def main(argv=None) -> int:
@@ -59,15 +59,10 @@ def main(argv=None) -> int:
     from jaxspec.train.distill import draft_from_target, feature_kl_loss
     from jaxspec.train.trainer import TrainConfig, train
 
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    stage = Stages(work)
-    print(f"loading {args.target}", flush=True)
-    target = js.load(args.target)
-    stops = list(target.config.eos_token_ids)
-    prepared = prepare(target, args, work, stage)
+    target, work, stage, prepared = start(args)
     if prepared is None:
         return 0
+    stops = list(target.config.eos_token_ids)
     train_items, eval_items, seqs, eval_seqs = prepared
     docs = documents(target, args.documents, args.window, work, stage)
     starts = [p for _, p in seqs] + [0] * len(docs)

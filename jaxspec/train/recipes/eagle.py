@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxspec.train.recipes.features import Stages, add_data_arguments, documents, prepare
+from jaxspec.train.recipes.features import add_data_arguments, documents, start
 
 
 def main(argv=None) -> int:
@@ -40,21 +40,15 @@ def main(argv=None) -> int:
 
     import jax.numpy as jnp
 
-    import jaxspec as js
     from jaxspec.speculative.drafters.eagle import Eagle
     from jaxspec.train import eagle as eagle_train
     from jaxspec.train.trainer import TrainConfig, train
 
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    stage = Stages(work)
+    target, work, stage, prepared = start(args)
     timings = stage.timings
-    print(f"loading {args.target}", flush=True)
-    target = js.load(args.target)
-    stops = list(target.config.eos_token_ids)
-    prepared = prepare(target, args, work, stage)
     if prepared is None:
         return 0
+    stops = list(target.config.eos_token_ids)
     train_items, eval_items, seqs, eval_seqs = prepared
     n_sequences = len(train_items) + len(eval_items)
     docs = documents(target, args.documents, args.window, work, stage)

@@ -108,6 +108,20 @@ class Stages:
         return out
 
 
+def start(args):
+    """What every recipe over target features does first: WORK and its stage timer, the target
+    (`--target`) and stages 1-2 (`prepare`). Returns (target, work, stage, prepared); prepared is
+    None after --corpus-only."""
+    import jaxspec as js
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    stage = Stages(work)
+    print(f"loading {args.target}", flush=True)
+    target = js.load(args.target)
+    return target, work, stage, prepare(target, args, work, stage)
+
+
 def prepare(target, args, work: Path, stage: Stages):
     """Stages 1, 1b and 2. Returns (train_items, eval_items, train_seqs, eval_seqs) with items
     (tokens [T], bfloat16 features [T, D], greedy labels [T]) and seqs (tokens, prompt length),

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 
-from jaxspec.train.recipes.features import Stages, add_data_arguments, prepare
+from jaxspec.train.recipes.features import add_data_arguments, start
 
 
 def main(argv=None) -> int:
@@ -35,22 +35,16 @@ def main(argv=None) -> int:
 
     import jax.numpy as jnp
 
-    import jaxspec as js
     from jaxspec.speculative.drafters.eagle import head_rows
     from jaxspec.speculative.drafters.medusa import Medusa
     from jaxspec.train import eagle as eagle_train
     from jaxspec.train import medusa as medusa_train
     from jaxspec.train.trainer import TrainConfig, train
 
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    stage = Stages(work)
-    print(f"loading {args.target}", flush=True)
-    target = js.load(args.target)
-    stops = list(target.config.eos_token_ids)
-    prepared = prepare(target, args, work, stage)
+    target, work, stage, prepared = start(args)
     if prepared is None:
         return 0
+    stops = list(target.config.eos_token_ids)
     train_items, eval_items, seqs, eval_seqs = prepared
     head_ids = eagle_train.head_token_ids(
         [(it[0][p:],) for it, (_, p) in zip(train_items, seqs)],
