@@ -50,7 +50,7 @@ def test_readme_first_command_chats_with_smollm2(capsys):
     assert "def " in out  # a coherent answer starts with code
 
 
-def test_a_distilled_draft_directory_is_a_draft_for_its_target(tmp_path):
+def test_a_distilled_draft_directory_is_a_draft_for_its_target(tmp_path, monkeypatch):
     """--draft DIR of `jaxspec train draft` (kind draft_model) loads against the target, and
     --drafter draft keeps its VocabTrim head at the chain length asked for."""
     import jax.numpy as jnp
@@ -73,3 +73,11 @@ def test_a_distilled_draft_directory_is_a_draft_for_its_target(tmp_path):
     drafter = cli._drafter("draft", target, draft, "2")
     assert drafter.k == 2 and (drafter.head_ids == ids).all()
     assert cli._drafter("draft", target, draft, "auto").adaptive
+    # Without --draft, --drafter draft takes a draft shipped for the target, else says what to do.
+    from jaxspec.speculative import default
+
+    monkeypatch.setattr(default, "shipped_drafter", lambda t, kind: draft)
+    assert cli._drafter("draft", target, None, "3").k == 3
+    monkeypatch.setattr(default, "shipped_drafter", lambda t, kind: None)
+    with pytest.raises(ValueError, match=r"--drafter draft needs a draft model \(--draft DIR\)"):
+        cli._drafter("draft", target, None, "3")

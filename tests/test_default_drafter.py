@@ -164,3 +164,23 @@ def test_smollm2_default_drafter_is_the_hybrid_over_its_eagle():
     assert isinstance(drafter, js.Hybrid) and isinstance(drafter.drafter, js.Eagle)
     assert drafter.drafter.tree.max_children == 1   # a chain
     drafter.check_compatible(smol)
+
+
+def test_a_shipped_distilled_draft_is_found_by_fingerprint_but_never_the_default(target, tmp_path,
+                                                                                monkeypatch):
+    """A `jaxspec train draft` export in the shipped directory is `shipped_drafter(target,
+    "draft_model")` (the CLI's --drafter draft), but the default stays prompt lookup: it lost
+    to every other drafter on SmolLM2."""
+    import jax.numpy as jnp
+
+    shipped = tmp_path / "drafters"
+    monkeypatch.setattr(default, "SHIPPED_DIR", shipped)
+    ids = jnp.arange(0, target.config.vocab_size, 2, dtype=jnp.int32)
+    params = dict(target.params, lm_head={"kernel": target.params["lm_head"]["kernel"][:, ids]})
+    js.DraftModel(target.replace(params=params), num_tokens=3, head_ids=ids).save(
+        shipped / "tiny-draft", dtype="float32", target_fingerprint=fingerprint(target))
+    found = default.shipped_drafter(target, "draft_model")
+    assert isinstance(found, js.DraftModel) and found.k == 3
+    np.testing.assert_array_equal(np.asarray(found.head_ids), np.asarray(ids))
+    assert default.shipped_drafter(_tiny(1), "draft_model") is None   # another target
+    assert _is_prompt_lookup(js.default_drafter(target))

@@ -314,10 +314,17 @@ def test_calibrate_caches_on_disk(tiny, counted, _isolated_cost_cache):
     calibrate(tiny.make_model(0, vocab=48), 3, sizes=(1, 2, 4, 5))
     assert counted[1:] == [(8, (1, 2, 4, 5)), (4, (1, 2, 4, 8)), (4, (1, 2, 4, 5))]
     assert len(_cost_files(_isolated_cost_cache)) == 4
+    # A VocabTrim draft (an lm_head narrower than the vocabulary) is cached apart from the same
+    # config with its whole head.
+    kernel = target.params["lm_head"]["kernel"]
+    trimmed = target.replace(params=dict(target.params, lm_head={"kernel": kernel[:, :16]}))
+    calibrate(trimmed, 3, sizes=(1, 2, 4, 5))
+    assert len(counted) == 5 and len(_cost_files(_isolated_cost_cache)) == 5
+    assert calibrate(target, 3, sizes=(1, 2, 4, 5)) == first and len(counted) == 5
     # `table=` wins without measuring or reading the cache.
     table = {"1": 2.0, "3": 2.5}
     assert calibrate(target, 3, sizes=(1, 2, 4, 5), table=table) == CostModel.from_table(table)
-    assert len(counted) == 4
+    assert len(counted) == 5
 
 
 @pytest.mark.parametrize("damage", [b"{not json", b"\xff\xfe\x00garbage", b"[1, 2]", b"{}",
