@@ -11,8 +11,8 @@ import jax.numpy as jnp
 
 from jaxspec import constraints
 from jaxspec.decoding import TokenOutput, prefill, stop_mask
-from jaxspec.models.cache import KVCache, commit
-from jaxspec.models.transformer import Model, forward, unstack_layers
+from jaxspec.models.cache import commit
+from jaxspec.models.transformer import Model, forward_step, new_cache, unstack_layers
 from jaxspec.sampling import Sampling, sample
 
 
@@ -42,7 +42,7 @@ def autoregressive_tokens(model: Model, prompt_tokens: jax.Array, prompt_lengths
     batch, tp = prompt_tokens.shape
     stop_tokens = jnp.zeros((0,), jnp.int32) if stop_tokens is None else stop_tokens
     limit = jnp.broadcast_to(jnp.asarray(max_new_tokens if limit is None else limit, jnp.int32), (batch,))
-    cache = KVCache.create(model.config, batch, tp + max_new_tokens, model.dtype)
+    cache = new_cache(model, batch, tp + max_new_tokens)   # per-layer buffers beside unstacked layers
     logits, _, cache = prefill(model, prompt_tokens, prompt_lengths, cache)
     dfa = None                                                                 # [B] DFA states
     if constraint is not None:
@@ -64,7 +64,7 @@ def autoregressive_tokens(model: Model, prompt_tokens: jax.Array, prompt_lengths
     def body(state):
         cache, last, out, n_out, done, step, steps, dfa = state
         active = ~done
-        logits, _, cache = forward(model, last[:, None], cache, cache.lengths[:, None])
+        logits, _, cache = forward_step(model, last[:, None], cache, cache.lengths[:, None])
         cache = commit(cache, active.astype(jnp.int32))
         logits = logits[:, 0]                                                   # [B, V]
         if constraint is not None:

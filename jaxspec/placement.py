@@ -6,7 +6,8 @@ on what they create; outside a placement both are the identity. This module sits
 `jaxspec.sharding`, whose `use_mesh` installs a placement object here (`placed`) that does the
 constraining. Any object with these two methods is a placement:
 
-  constrain_cache(cache, config) -> cache     a KVCache [L, B, Hkv, S, Dh] of model `config`
+  constrain_cache(cache, config) -> cache     a KVCache [L, B, Hkv, S, Dh] (or L per-layer
+                                              buffers) of model `config`
   constrain_batch(arrays: tuple) -> tuple     batch-major arrays [B, ...]
 """
 

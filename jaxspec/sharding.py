@@ -283,11 +283,16 @@ class _Active:
                              f"does not divide the batch of {rows} rows")
 
     def constrain_cache(self, cache, config):
-        self._check_rows(cache.k.shape[1])
-        kv = NamedSharding(self.mesh, cache_spec(config, self.mesh, self.target))
+        self._check_rows(cache.lengths.shape[0])
+        spec = cache_spec(config, self.mesh, self.target)
+        if cache.per_layer:                  # L buffers [B, Hkv, S, Dh]: the spec without L
+            spec = P(*spec[1:])
+        kv = NamedSharding(self.mesh, spec)
         rows = NamedSharding(self.mesh, P(DATA))
         wsc = jax.lax.with_sharding_constraint
-        return cache.replace(k=wsc(cache.k, kv), v=wsc(cache.v, kv), lengths=wsc(cache.lengths, rows))
+        return cache.replace(k=jax.tree_util.tree_map(lambda b: wsc(b, kv), cache.k),
+                             v=jax.tree_util.tree_map(lambda b: wsc(b, kv), cache.v),
+                             lengths=wsc(cache.lengths, rows))
 
     def constrain_batch(self, arrays: tuple) -> tuple:
         for a in arrays:

@@ -59,8 +59,7 @@ def _repeat_ms(step, args, carry, reps: int) -> float:
 def round_parts(target, drafter, prompts_ids: list[list[int]], reps: int = 8) -> dict:
     """ms of draft / target forward (all N nodes) / verify, each alone, after the prompts
     (a ragged batch, right-padded)."""
-    from jaxspec.models.cache import KVCache
-    from jaxspec.models.transformer import forward, unstack_layers
+    from jaxspec.models.transformer import forward, new_cache, unstack_layers
     from jaxspec.decoding import prefill
     from jaxspec.sampling import Sampling
     from jaxspec.speculative.draft import Context
@@ -81,7 +80,7 @@ def round_parts(target, drafter, prompts_ids: list[list[int]], reps: int = 8) ->
     lengths = jnp.asarray([len(ids) for ids in prompts_ids], jnp.int32)            # [B]
     n, depth_max = drafter.tree.num_nodes, drafter.tree.max_depth
     max_len = tp + 64 + n
-    cache = KVCache.create(target.config, batch, max_len, target.dtype)
+    cache = new_cache(target, batch, max_len)
     uses_hidden = getattr(drafter, "uses_target_hidden", False)
     logits, hidden, cache = jax.jit(prefill, static_argnums=4)(target, tokens, lengths, cache,
                                                                uses_hidden)

@@ -27,7 +27,7 @@ import numpy as np
 from flax import struct
 
 from jaxspec.attention import attention, attention_pending
-from jaxspec.models.cache import KVCache, write_layer
+from jaxspec.models.cache import KVCache, write_layer, write_new
 from jaxspec.models.config import ModelConfig, rope_inverse_frequencies
 
 
@@ -192,6 +192,24 @@ def forward_pending(model: Model, tokens: jax.Array, cache: KVCache, positions: 
     return logits, hidden, new_k, new_v
 
 
+def forward_step(model: Model, tokens: jax.Array, cache: KVCache, positions: jax.Array,
+                 mask: jax.Array | None = None):
+    """`forward` as the decode loops run it: same arguments and results.
+
+    A per-layer cache (`new_cache` beside unstacked layers, the CPU loops) is attended where it
+    lies and the new K/V are written after the whole forward (`forward_pending`, an optimization
+    barrier, `cache.write_new`). On XLA:CPU that costs 13 % less than writing each layer in
+    place at batch 8 with 256 slots (34.3 -> 29.8 ms) and 5 % less at batch 1 (15.6 -> 14.8 ms);
+    without the barrier XLA schedules the writes among the attention reads and copies buffers
+    (41 ms). A stacked cache is written in place by `forward`.
+    """
+    if not cache.per_layer:
+        return forward(model, tokens, cache, positions, mask)
+    logits, hidden, new_k, new_v = forward_pending(model, tokens, cache, positions, mask)
+    logits, hidden, new_k, new_v = jax.lax.optimization_barrier((logits, hidden, new_k, new_v))
+    return logits, hidden, write_new(cache, new_k, new_v)
+
+
 def _decode(model: Model, tokens, cache: KVCache, positions, mask, *, pending: bool):
     """The layers of `forward` (pending=False: returns the written cache k, v [L, B, Hkv, S, Dh])
     and `forward_pending` (pending=True: returns the new k, v [L, B, T, Hkv, Dh])."""
@@ -214,9 +232,8 @@ def _decode(model: Model, tokens, cache: KVCache, positions, mask, *, pending: b
                 new.extend((k, v))
             else:
                 cache_k, cache_v = write_layer(cache_k, cache_v, index, k, v, cache.lengths)
-            source_k, source_v = (cache.k, cache.v) if pending else (cache_k, cache_v)
-            layer_k = jax.lax.dynamic_index_in_dim(source_k, index, 0, keepdims=False)  # [B, Hkv, S, Dh]
-            layer_v = jax.lax.dynamic_index_in_dim(source_v, index, 0, keepdims=False)
+            source = cache if pending else cache.replace(k=cache_k, v=cache_v)
+            layer_k, layer_v = source.layer(index)                               # [B, Hkv, S, Dh]
             if pending:
                 out = attention_pending(q, layer_k, layer_v, cache.lengths, k, v, mask,
                                         use_window=use_window, **attn_args)   # [B, T, Hq, Dh]
@@ -240,6 +257,9 @@ def _decode(model: Model, tokens, cache: KVCache, positions, mask, *, pending: b
         if pending:
             k, v = (jnp.stack([n[i] for n in news]) for i in (0, 1))
     else:
+        if cache.per_layer:
+            raise ValueError("a per-layer KVCache needs the layers unstacked "
+                             "(transformer.unstack_layers); use new_cache(model, ...)")
         layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
         (x, k, v), new = jax.lax.scan(layer, start,
                                       (params["layers"], layer_ids, inv_freqs, use_windows))
@@ -247,6 +267,13 @@ def _decode(model: Model, tokens, cache: KVCache, positions, mask, *, pending: b
             k, v = new
     logits, hidden = _unembed(params, x, config)
     return logits, hidden, (k, v)
+
+
+def new_cache(model: Model, batch: int, max_len: int) -> KVCache:
+    """An empty KVCache for `model`: per-layer buffers when its layers are unstacked (the CPU
+    decode loops: no per-layer slice of a stacked buffer copied out every step), else stacked."""
+    per_layer = isinstance(model.params["layers"], (list, tuple))
+    return KVCache.create(model.config, batch, max_len, model.dtype, per_layer=per_layer)
 
 
 def unstack_layers(params):

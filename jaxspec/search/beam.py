@@ -42,7 +42,7 @@ from flax import struct
 
 from jaxspec.decoding import prefill, stop_mask
 from jaxspec.models.cache import KVCache, commit
-from jaxspec.models.transformer import Model, forward, unstack_layers
+from jaxspec.models.transformer import Model, forward_step, new_cache, unstack_layers
 
 # transformers' stand-in for minus infinity in beam scores (finite: sums of it stay ordered).
 NEG = -1.0e9
@@ -221,7 +221,7 @@ def beam_search_tokens(model: Model, prompt_tokens: jax.Array, prompt_lengths: j
     stop_tokens = jnp.zeros((0,), jnp.int32) if stop_tokens is None else jnp.asarray(stop_tokens, jnp.int32)
     limit = jnp.broadcast_to(jnp.asarray(m if limit is None else limit, jnp.int32), (batch,))
 
-    cache = KVCache.create(model.config, batch, tp + m, model.dtype)
+    cache = new_cache(model, batch, tp + m)
     logits, _, cache = prefill(model, prompt_tokens, prompt_lengths, cache)   # [B, V]
     rows = jnp.broadcast_to(jnp.arange(batch)[None, :, None], (g, batch, s))  # prompt of each beam
     cache = _gather_rows(cache, rows.reshape(-1))
@@ -250,7 +250,7 @@ def beam_search_tokens(model: Model, prompt_tokens: jax.Array, prompt_lengths: j
         active = jnp.any(_searching(groups, early_code), axis=0)                 # [B]
         cache = _gather_rows(cache, (beam_offset + parents).reshape(-1))         # parents' K/V
         flat = tokens.reshape(-1, 1)                                             # [G*B*S, 1]
-        logits, _, cache = forward(model, flat, cache, cache.lengths[:, None])
+        logits, _, cache = forward_step(model, flat, cache, cache.lengths[:, None])
         cache = commit(cache, jnp.ones_like(cache.lengths))
         logprobs = jax.nn.log_softmax(logits[:, 0]).reshape(g, batch, s, -1)     # [G, B, S, V]
         groups, tokens, parents = _step(groups, logprobs, t, *step_args)
@@ -272,4 +272,7 @@ def beam_search_tokens(model: Model, prompt_tokens: jax.Array, prompt_lengths: j
 
 def _gather_rows(cache: KVCache, rows: jax.Array) -> KVCache:
     """The cache whose row i is row rows[i] of `cache` (rows: [N] int32)."""
+    if cache.per_layer:
+        return cache.replace(k=tuple(b[rows] for b in cache.k), v=tuple(b[rows] for b in cache.v),
+                             lengths=cache.lengths[rows])
     return cache.replace(k=cache.k[:, rows], v=cache.v[:, rows], lengths=cache.lengths[rows])

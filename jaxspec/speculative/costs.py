@@ -46,8 +46,9 @@ import jax.numpy as jnp
 DEFAULT_CACHE_LEN = 256
 # Part of the on-disk cache key: 2 = sizes timed in interleaved rounds; 3 = the forward the loop
 # runs (forward_pending: no cache write, so no copy of the whole cache in the timing); 4 = each
-# entry records how busy the machine was ({"ms": table, "load": ...}; see `calibrate`).
-MEASURE_VERSION = 4
+# entry records how busy the machine was ({"ms": table, "load": ...}; see `calibrate`); 5 = on
+# CPU against a per-layer cache (`transformer.new_cache`), as the loops now hold it.
+MEASURE_VERSION = 5
 # A cached curve measured while the machine's load (1-minute average per core) was above BUSY is
 # measured again once the load is below half of what it was.
 BUSY = 0.5
@@ -275,8 +276,7 @@ def measure(target, batch: int = 1, sizes=(1, 2, 4, 8, 16, 32, 64), repeats: int
     run's plain decode steps, and dearer than 2 tokens, on the 2-core CPU).
     capacity: the cache's slot count (default cache_len + max(sizes)); pass one fixed value to
     measure sizes one at a time against the same buffer."""
-    from jaxspec.models.cache import KVCache
-    from jaxspec.models.transformer import unstack_layers
+    from jaxspec.models.transformer import new_cache, unstack_layers
 
     model = target.replace(tokenizer=None)
     if jax.default_backend() == "cpu" and not isinstance(model.params["layers"], (list, tuple)):
@@ -285,7 +285,7 @@ def measure(target, batch: int = 1, sizes=(1, 2, 4, 8, 16, 32, 64), repeats: int
         raise ValueError(f"a cache of {capacity} slots cannot hold {cache_len} committed tokens "
                          f"and {max(sizes)} new ones")
     fn = jax.jit(measured_step)                            # one compilation per size
-    cache = KVCache.create(model.config, batch, capacity or cache_len + max(sizes), model.dtype)
+    cache = new_cache(model, batch, capacity or cache_len + max(sizes))   # as the loops hold it
     cache = cache.replace(lengths=jnp.full((batch,), cache_len, jnp.int32))
     inputs = [jnp.ones((batch, t), jnp.int32) for t in sizes]
     for tokens in inputs:                                  # compile and warm every size

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from jaxspec import constraints
 from jaxspec.autoregressive import autoregressive_tokens
 from jaxspec.decoding import TokenOutput, prefill, stop_mask
-from jaxspec.models.cache import KVCache, commit, compact, write_new
-from jaxspec.models.transformer import Model, forward_pending, unstack_layers
+from jaxspec.models.cache import commit, compact, write_new
+from jaxspec.models.transformer import Model, forward_pending, forward_step, new_cache, unstack_layers
 from jaxspec.placement import constrain_batch
 from jaxspec.sampling import Sampling, probabilities, sample
 from jaxspec.speculative import costs
@@ -99,7 +99,7 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
     limit = jnp.broadcast_to(jnp.asarray(max_new_tokens if limit is None else limit, jnp.int32), (batch,))
     rows = jnp.arange(batch)
 
-    cache = KVCache.create(target.config, batch, max_len, target.dtype)
+    cache = new_cache(target, batch, max_len)   # per-layer buffers beside unstacked layers
     if hasattr(drafter, "bind"):  # drafters reading the target's frozen arrays (Eagle)
         drafter = drafter.bind(target)
     uses_hidden = getattr(drafter, "uses_target_hidden", False)  # feature drafters (Eagle, Medusa)
@@ -166,9 +166,10 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
         depth, mask = tree_tables(draft, depth_max, tree)
         positions = cache.lengths[:, None] + depth                                 # [B, N]
 
-        # Each way of scoring returns the new K/V instead of writing them (forward_pending): they
-        # are branches of a conditional, and a branch that wrote the cache would make XLA copy
-        # the whole cache buffer per round. The K/V are written once, after the conditional.
+        # Each way of scoring inside a conditional returns the new K/V instead of writing them
+        # (forward_pending): a branch that wrote the cache would make XLA copy the whole cache
+        # buffer per round. The K/V are written once, after the conditional. A round with no
+        # conditional (a pinned draft size) runs `forward_step`, as the plain loop does.
         def padded(size, logits, hidden, new_k, new_v, verdict):
             """Outputs of a `size`-node forward padded to the draft's n nodes."""
             pad = lambda a, axis: jnp.pad(a, [(0, n - size if i == axis else 0)
@@ -243,9 +244,15 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
             drafted_any = jnp.any(draft.valid[:, 1:] & active[:, None])
             scored = jax.lax.cond(drafted_any, score, plain_step)
         else:
-            scored = score()
-        target_logits, target_hidden, new_k, new_v, verdict = scored
-        cache = write_new(cache, new_k, new_v)          # slots [len, len + n); len does not move
+            scored = None   # no conditional: the forward writes the new K/V where they belong
+        if scored is None:
+            target_logits, target_hidden, cache = forward_step(target, draft.tokens, cache,
+                                                               positions, mask)
+            verdict = verify(rule, draft, constrained(target_logits), sampling, verify_key,
+                             max_depth=depth_max, max_children=max_children)
+        else:
+            target_logits, target_hidden, new_k, new_v, verdict = scored
+            cache = write_new(cache, new_k, new_v)      # slots [len, len + n); len does not move
         accepted = verdict.num_accepted                                            # [B]
         # Emitted tokens: the accepted path's tokens (after the root), then the next token.
         path_tokens = jnp.take_along_axis(draft.tokens, verdict.path, axis=1)      # [B, D+1]
@@ -308,7 +315,7 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
                          target_steps=steps, drafted=drafted, accepted=acc,
                          accepted_by_position=by_pos)
     if return_cache:
-        return output, state["dstate"], state["cache"]
+        return output, state["dstate"], state["cache"].stacked()
     return output, state["dstate"]
 
 

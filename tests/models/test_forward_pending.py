@@ -7,6 +7,7 @@ copy the whole buffer per round. Both must give `forward`'s logits and cache, fo
 """
 
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +17,9 @@ import pytest
 import jaxspec as js
 from jaxspec.attention import attention, attention_pending
 from jaxspec.models import commit
-from jaxspec.models.cache import KVCache, write_new
+from jaxspec.models.cache import KVCache, compact, write_layer, write_new
 from jaxspec.models.config import ModelConfig
-from jaxspec.models.transformer import forward, forward_pending
+from jaxspec.models.transformer import forward, forward_pending, forward_step, new_cache, unstack_layers
 
 VOCAB = 128
 PROMPT_LENGTHS = (11, 6, 2)
@@ -91,9 +92,78 @@ def test_write_new_drops_slots_past_the_buffer():
     assert np.asarray(out.v)[:, 1, :, 4:6].min() == 2
 
 
-@pytest.mark.parametrize("impl, window, softcap", [
-    ("xla", None, None), ("xla", 5, None), ("xla", None, 0.7), ("pallas_interpret", None, None)])
-def test_attention_pending_matches_attention_on_a_written_cache(impl, window, softcap):
+def _per_layer(cache):
+    return cache.replace(k=tuple(cache.k), v=tuple(cache.v))
+
+
+def test_forward_step_on_a_per_layer_cache_matches_forward(checkpoint):
+    """The CPU loops' step (per-layer buffers, pending K/V written after the forward) gives
+    `forward`'s logits and cache, for every family, under a tree mask, on ragged rows."""
+    model = checkpoint.model
+    cache, rng = _prefilled(model, seed=5)
+    batch = cache.lengths.shape[0]
+    mask, depth = _ancestors(PARENTS)
+    n = len(PARENTS)
+    tokens = jnp.asarray(rng.integers(0, VOCAB, (batch, n)), jnp.int32)
+    positions = cache.lengths[:, None] + jnp.asarray(depth)[None, :]
+    masks = jnp.broadcast_to(jnp.asarray(mask), (batch, n, n))
+    logits, hidden, written = jax.jit(forward)(model, tokens, cache, positions, masks)
+    unstacked = model.replace(params=unstack_layers(model.params))
+    per_layer = _per_layer(cache)
+    assert per_layer.per_layer and per_layer.max_len == cache.max_len == CACHE_LEN
+    s_logits, s_hidden, stepped = jax.jit(forward_step)(unstacked, tokens, per_layer, positions,
+                                                        masks)
+    assert stepped.per_layer and len(stepped.k) == model.config.num_layers
+    np.testing.assert_allclose(np.asarray(s_logits), np.asarray(logits), atol=1e-5, rtol=1e-5,
+                               err_msg=checkpoint.family)
+    np.testing.assert_allclose(np.asarray(s_hidden), np.asarray(hidden), atol=1e-5, rtol=1e-5)
+    restacked = stepped.stacked()
+    np.testing.assert_allclose(np.asarray(restacked.k), np.asarray(written.k), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(restacked.v), np.asarray(written.v), atol=1e-5, rtol=1e-5)
+
+
+def test_per_layer_cache_writes_and_moves_as_the_stacked_one(checkpoints):
+    config = checkpoints["llama"].model.config
+    rng = np.random.default_rng(0)
+    stacked = KVCache.create(config, 3, 16)
+    shape = stacked.k.shape
+    stacked = stacked.replace(k=jnp.asarray(rng.standard_normal(shape), jnp.float32),
+                              v=jnp.asarray(rng.standard_normal(shape), jnp.float32),
+                              lengths=jnp.asarray([0, 5, 9], jnp.int32))
+    per_layer = _per_layer(stacked)
+    L, B, H, _, D = shape
+    new = jnp.asarray(rng.standard_normal((L, B, 4, H, D)), jnp.float32)          # [L, B, T, Hkv, Dh]
+    path = jnp.asarray([[0, 2, 3], [0, 1, 3], [0, 3, 1]], jnp.int32)
+    keep = jnp.asarray([3, 2, 1], jnp.int32)
+    for op in (lambda c: write_new(c, new, 2 * new), lambda c: compact(write_new(c, new, new), path, keep),
+               lambda c: c.replace(**dict(zip("kv", write_layer(c.k, c.v, 1, new[1], -new[1],
+                                                                c.lengths))))):
+        expected, actual = op(stacked), op(per_layer)
+        assert actual.per_layer
+        np.testing.assert_array_equal(np.asarray(actual.stacked().k), np.asarray(expected.k))
+        np.testing.assert_array_equal(np.asarray(actual.stacked().v), np.asarray(expected.v))
+    fresh = KVCache.create(config, 2, 7, per_layer=True)
+    assert fresh.per_layer and len(fresh.k) == L and fresh.k[0].shape == (2, H, 7, D)
+
+
+def test_new_cache_is_per_layer_beside_unstacked_layers_and_refused_by_a_scan(checkpoints):
+    model = checkpoints["llama"].model
+    assert not new_cache(model, 2, 8).per_layer
+    unstacked = model.replace(params=unstack_layers(model.params))
+    cache = new_cache(unstacked, 2, 8)
+    assert cache.per_layer
+    tokens, positions = jnp.zeros((2, 1), jnp.int32), jnp.zeros((2, 1), jnp.int32)
+    with pytest.raises(ValueError, match="a per-layer KVCache needs the layers unstacked"):
+        forward(model, tokens, cache, positions)
+
+
+@pytest.mark.parametrize("impl, window, softcap, small_max", [
+    ("xla", None, None, 16), ("xla", 5, None, 16), ("xla", None, 0.7, 16),
+    ("xla", 5, 0.7, 2), ("pallas_interpret", None, None, 16)])
+def test_attention_pending_matches_attention_on_a_written_cache(impl, window, softcap, small_max,
+                                                                monkeypatch):
+    # small_max 2 < T: the new tokens' products as batched dots rather than multiply-adds
+    monkeypatch.setattr(sys.modules["jaxspec.attention"], "SMALL_PRODUCT_MAX", small_max)
     rng = np.random.default_rng(0)
     batch, t, hq, hkv, d, s = 3, 6, 4, 2, 64, 32
     normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
@@ -133,3 +203,6 @@ def test_a_sized_round_does_not_copy_the_cache(checkpoints):
         return len(re.findall(shape + r"\{[^}]*\} copy\(", hlo))
 
     assert copies(sized) <= max(copies(None), 2)
+    # a pinned size (no conditional) writes the new K/V in place with `forward`
+    pinned = js.PromptLookup(ngram=2, num_tokens=8, sizing=None)
+    assert copies(pinned) <= max(copies(None), 2)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxspec.models.cache import KVCache
-from jaxspec.models.transformer import Model, forward
+from jaxspec.models.transformer import Model, forward, forward_step, new_cache
 from jaxspec.sampling import Sampling, probabilities, sample
 from jaxspec.speculative.draft import Context, Draft
 from jaxspec.speculative.drafters import draft_model_files, draft_model_tree
@@ -196,7 +196,7 @@ class DraftModel:
         if self.branching:
             return draft_model_tree.init(self, target, prompt_tokens, prompt_lengths, max_len, state)
         batch, tp = prompt_tokens.shape
-        cache = KVCache.create(self.model.config, batch, max_len, self.model.dtype)
+        cache = new_cache(self.model, batch, max_len)
         positions = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), (batch, tp))
         _, _, cache = forward(self.model, prompt_tokens, cache, positions)
         start = self.k if not self.adaptive else min(4, self.k)
@@ -229,7 +229,7 @@ class DraftModel:
         cache = state.cache.replace(lengths=committed - 1)
         two = jnp.stack([before, root], axis=1)                                   # [B, 2]
         positions = (committed - 1)[:, None] + jnp.arange(2)[None, :]
-        logits, _, cache = forward(self.model, two, cache, positions)
+        logits, _, cache = forward_step(self.model, two, cache, positions)
         limit = state.num_tokens if self.adaptive else jnp.full((batch,), k, jnp.int32)
         tokens = jnp.zeros((batch, n), jnp.int32).at[:, 0].set(root)
         valid = jnp.zeros((batch, n), bool).at[:, 0].set(True)
@@ -263,7 +263,8 @@ class DraftModel:
             i, cache, _, tokens, valid, q, confidence, drafting, run_prob = carry
             slot = committed + i                                                  # token i's slot
             cache = cache.replace(lengths=slot)
-            step_logits, _, cache = forward(self.model, tokens[:, i][:, None], cache, slot[:, None])
+            step_logits, _, cache = forward_step(self.model, tokens[:, i][:, None], cache,
+                                                 slot[:, None])
             drawn = draw(i, step_logits[:, 0], tokens, valid, q, confidence, drafting, run_prob)
             return i + 1, cache, None, *drawn
 

@@ -46,7 +46,7 @@ import numpy as np
 from flax import struct
 
 from jaxspec.models.cache import KVCache, compact
-from jaxspec.models.transformer import forward
+from jaxspec.models.transformer import forward, forward_step, new_cache
 from jaxspec.sampling import Sampling, probabilities, processed_logits
 from jaxspec.speculative.draft import Context, Draft
 from jaxspec.speculative.trees import DynamicTree, TreeSpec, ancestors_of
@@ -62,7 +62,7 @@ def init(drafter, target, prompt_tokens, prompt_lengths, max_len: int, state=Non
     """Prefill the draft's cache with the prompts. prompt_tokens: [B, Tp]."""
     batch, tp = prompt_tokens.shape
     model = drafter.model
-    cache = KVCache.create(model.config, batch, max_len, model.dtype)
+    cache = new_cache(model, batch, max_len)
     positions = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), (batch, tp))
     _, _, cache = forward(model, prompt_tokens, cache, positions)
     n = drafter.tree.num_nodes
@@ -85,8 +85,8 @@ def _feed(drafter, cache: KVCache, committed, before, tokens, depth, mask):
     full = full.at[:, 1:, 1:].set(mask)
     feed = jnp.concatenate([before[:, None], tokens], axis=1)                   # [B, 1+T]
     positions = jnp.concatenate([(committed - 1)[:, None], committed[:, None] + depth], axis=1)
-    logits, _, cache = forward(drafter.model, feed, cache.replace(lengths=committed - 1),
-                               positions, full)
+    logits, _, cache = forward_step(drafter.model, feed, cache.replace(lengths=committed - 1),
+                                    positions, full)
     return logits[:, 1:], cache
 
 
