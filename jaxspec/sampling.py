@@ -55,6 +55,19 @@ class Sampling:
             raise ValueError("Sampling built from traced values needs explicit greedy= and filtered=")
 
 
+def top_token(logits: jax.Array) -> jax.Array:
+    """The greedy token: index of the first maximum of logits [..., V] -> int32 [...].
+
+    `jnp.argmax` for finite logits, computed as a max and a min (two plain reductions): XLA:CPU
+    runs argmax as a variadic (value, index) reduction 5-6x slower, about 1 ms for SmolLM2's
+    [1, 9, 49152] verify logits against a 15 ms decode step. A row that is all NaN gives 0.
+    """
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    first = jnp.min(jnp.where(logits == top, index, logits.shape[-1]), axis=-1)
+    return jnp.where(first < logits.shape[-1], first, 0).astype(jnp.int32)
+
+
 def processed_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
     """Log-probabilities (unnormalised) of the distribution actually sampled from.
 
@@ -63,7 +76,7 @@ def processed_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
     """
     logits = logits.astype(jnp.float32)
     if sampling.greedy:
-        top = jnp.argmax(logits, axis=-1)
+        top = top_token(logits)
         return jnp.where(jax.nn.one_hot(top, logits.shape[-1], dtype=bool), 0.0, -jnp.inf)
     scaled = logits / jnp.asarray(sampling.temperature, jnp.float32)
     if not sampling.filtered:
@@ -102,7 +115,7 @@ def probabilities(logits: jax.Array, sampling: Sampling) -> jax.Array:
 def sample(key: jax.Array, logits: jax.Array, sampling: Sampling) -> jax.Array:
     """Draw token ids [...] from logits [..., V] under `sampling` (argmax when greedy)."""
     if sampling.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return top_token(logits)
     return jax.random.categorical(key, processed_logits(logits, sampling), axis=-1).astype(jnp.int32)
 
 

@@ -105,3 +105,17 @@ def test_sample_never_draws_filtered_tokens():
 def test_invalid_sampling_raises(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Sampling(**kwargs)
+
+
+def test_top_token_is_argmax_with_first_index_ties():
+    from jaxspec.sampling import top_token
+
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.standard_normal((3, 5, 300)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(top_token(logits)),
+                                  np.asarray(jnp.argmax(logits, axis=-1)))
+    tied = jnp.asarray([[0.0, 2.0, 1.0, 2.0], [-jnp.inf, -jnp.inf, -1.0, -1.0],
+                        [3.0, 3.0, 3.0, 3.0]], jnp.float32)
+    np.testing.assert_array_equal(np.asarray(top_token(tied)), [1, 2, 0])
+    assert top_token(tied).dtype == jnp.int32
+    assert int(top_token(jnp.full((7,), jnp.nan))) == 0   # never an index outside the vocabulary

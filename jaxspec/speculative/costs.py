@@ -43,6 +43,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from jaxspec.sampling import top_token
+
 DEFAULT_CACHE_LEN = 256
 # Part of the on-disk cache key: 2 = sizes timed in interleaved rounds; 3 = the forward the loop
 # runs (forward_pending: no cache write, so no copy of the whole cache in the timing); 4 = each
@@ -185,7 +187,7 @@ def update_calibration(calibration, draft, root_logits, active):
     """One greedy round's evidence: node 1's confidence and whether it is the target's argmax at
     the root (root_logits [B, V], as verified). Rows without node 1 keep their record."""
     hits, claimed = calibration
-    took = (draft.tokens[:, 1] == jnp.argmax(root_logits, axis=-1)).astype(jnp.float32)  # [B]
+    took = (draft.tokens[:, 1] == top_token(root_logits)).astype(jnp.float32)  # [B]
     seen = active & draft.valid[:, 1]
     keep = RATE_DECAY
     hits = jnp.where(seen, keep * hits + (1.0 - keep) * took, hits)

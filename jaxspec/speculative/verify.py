@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxspec.sampling import Sampling, probabilities, sample_from_probs
+from jaxspec.sampling import Sampling, probabilities, sample_from_probs, top_token
 from jaxspec.speculative.draft import Draft
 
 RULES = ("greedy", "speculative", "speculative_wor", "typical", "auto")
@@ -107,7 +107,7 @@ def _deepest_accepted(tree: _Tree, ok: jax.Array) -> jax.Array:
 def _greedy(draft: Draft, target_logits: jax.Array, max_depth: int) -> Verdict:
     """Deepest node whose every token is the target's argmax at its parent; then that argmax."""
     tree = _tree(draft, max_depth)
-    top = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, N]
+    top = top_token(target_logits)                               # [B, N]
     ok = draft.tokens == jnp.take_along_axis(top, tree.parent, axis=1)
     best = _deepest_accepted(tree, ok)
     return _verdict(tree, best, jnp.take_along_axis(top, best[:, None], axis=1)[:, 0], max_depth)
@@ -125,7 +125,7 @@ def _typical(draft: Draft, target_logits: jax.Array, sampling: Sampling, max_dep
     ok = p_token > jnp.take_along_axis(threshold, tree.parent, axis=1)
     best = _deepest_accepted(tree, ok)
     p_best = jnp.take_along_axis(p, best[:, None, None], axis=1)[:, 0]  # [B, V]
-    return _verdict(tree, best, jnp.argmax(p_best, axis=-1), max_depth)
+    return _verdict(tree, best, top_token(p_best), max_depth)
 
 
 def _check(rule: str, draft: Draft, target_logits: jax.Array, max_depth, max_children) -> None:
