@@ -76,6 +76,16 @@ Measured with process CPU time (robust to the shared machine) and `jax.profiler`
    On a loaded machine (an earlier run) torch with 2 threads was 5-13x slower than with 1
    (spinning OpenMP workers); the table keeps whichever thread count was faster. No XLA flag was
    needed: the gains above come from the program's structure.
+6. **Per-layer cache (2026-12-06).** The CPU loops hold the cache as L buffers [B, Hkv, S, Dh]
+   and write a step's K/V after its forward (`transformer.forward_step`), so no layer's slice of
+   a stacked buffer is copied out before its attention products. The gain grows with the cache:
+   SmolLM2 at batch 8, 35.7 -> 30.6 ms per step at 320 slots, none at 170
+   (`benchmarks/batch8_step_anatomy.md`). Here (160 slots) the previous commit, run right before
+   this one on the same machine, measured 100m batch 8 at 379.9 tokens/s against transformers'
+   172.5 (2.20x) and this code 385.1 against 162.9 (2.36x; CPU 4.96 -> 4.53 ms per token). The
+   step from the 2026-12-03 run's 1.01x to 2.2x is the machine: its copy bandwidth measured 24.5
+   GB/s then and 43.5 GB/s now, and jaxspec's CPU time per token fell from 12.8 to 5.0 ms with
+   the old code, while transformers' stayed at 11.5-13.7 ms.
 """
 
 
