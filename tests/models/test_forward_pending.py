@@ -54,15 +54,21 @@ def _prefilled(model, seed):
     return commit(cache, jnp.asarray(PROMPT_LENGTHS, jnp.int32)), rng
 
 
-def test_forward_pending_matches_forward(checkpoint):
-    model = checkpoint.model
-    cache, rng = _prefilled(model, seed=3)
-    batch = cache.lengths.shape[0]
+def _tree_round(model, seed):
+    """A prefilled ragged cache and one round of the PARENTS tree on it: (cache, tokens [B, N],
+    positions [B, N], masks [B, N, N])."""
+    cache, rng = _prefilled(model, seed)
+    batch, n = cache.lengths.shape[0], len(PARENTS)
     mask, depth = _ancestors(PARENTS)
-    n = len(PARENTS)
     tokens = jnp.asarray(rng.integers(0, VOCAB, (batch, n)), jnp.int32)
     positions = cache.lengths[:, None] + jnp.asarray(depth)[None, :]                   # [B, N]
-    masks = jnp.broadcast_to(jnp.asarray(mask), (batch, n, n))
+    return cache, tokens, positions, jnp.broadcast_to(jnp.asarray(mask), (batch, n, n))
+
+
+def test_forward_pending_matches_forward(checkpoint):
+    model = checkpoint.model
+    cache, tokens, positions, masks = _tree_round(model, seed=3)
+    batch, n = tokens.shape
 
     logits, hidden, written = jax.jit(forward)(model, tokens, cache, positions, masks)
     p_logits, p_hidden, new_k, new_v = jax.jit(forward_pending)(model, tokens, cache, positions,
@@ -100,13 +106,7 @@ def test_forward_step_on_a_per_layer_cache_matches_forward(checkpoint):
     """The CPU loops' step (per-layer buffers, pending K/V written after the forward) gives
     `forward`'s logits and cache, for every family, under a tree mask, on ragged rows."""
     model = checkpoint.model
-    cache, rng = _prefilled(model, seed=5)
-    batch = cache.lengths.shape[0]
-    mask, depth = _ancestors(PARENTS)
-    n = len(PARENTS)
-    tokens = jnp.asarray(rng.integers(0, VOCAB, (batch, n)), jnp.int32)
-    positions = cache.lengths[:, None] + jnp.asarray(depth)[None, :]
-    masks = jnp.broadcast_to(jnp.asarray(mask), (batch, n, n))
+    cache, tokens, positions, masks = _tree_round(model, seed=5)
     logits, hidden, written = jax.jit(forward)(model, tokens, cache, positions, masks)
     unstacked = model.replace(params=unstack_layers(model.params))
     per_layer = _per_layer(cache)
