@@ -211,7 +211,8 @@ def forward_step(model: Model, tokens: jax.Array, cache: KVCache, positions: jax
 
 
 def _decode(model: Model, tokens, cache: KVCache, positions, mask, *, pending: bool):
-    """The layers of `forward` (pending=False: returns the written cache k, v [L, B, Hkv, S, Dh])
+    """The layers of `forward` (pending=False: returns the written cache k, v [L, B, Hkv, S, Dh],
+    or L-tuples of [B, Hkv, S, Dh] for a per-layer cache)
     and `forward_pending` (pending=True: returns the new k, v [L, B, T, Hkv, Dh])."""
     config, params = model.config, model.params
     x = _embed(params, tokens, positions, config)
