@@ -142,48 +142,115 @@ def make_fused_loss(config, embed, head_ids, head, fused: bool, d: int,
     return loss_fn
 
 
-def main(argv=None) -> int:
+def held_out_score(loss, params, held_items, seqs) -> dict:
+    """Mean of `loss`'s top-k and CE metrics over held-out answers, weighted by answer positions.
+    held_items: [(tokens [T], features [T, F], labels [T])]; seqs: [(tokens, prompt length)]."""
     import jax
-    import jax.numpy as jnp
-    import ml_dtypes
 
+    sums, count = {}, 0
+    ev = jax.jit(lambda p, b: loss(p, b)[1])
+    for (tokens, feats, labels), (_, start) in zip(held_items, seqs):
+        size = int(math.ceil(len(tokens) / 64) * 64)   # one compile per 64 tokens
+        pad = lambda a: np.pad(a, [(0, size - len(a))] + [(0, 0)] * (a.ndim - 1))
+        valid = np.zeros((1, size), bool)
+        valid[0, start:len(tokens)] = True
+        n = int(valid[0, start + 2:].sum())
+        m = ev(params, {"tokens": pad(tokens)[None],
+                        "features": pad(feats.astype(np.float32))[None],
+                        "valid": valid, "labels": pad(labels)[None]})
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * n
+        count += n
+    return {k: round(v / count, 4) for k, v in sums.items()
+            if k.startswith("top") or k.startswith("ce")}
+
+
+def ab_parser(description: str, default_steps: int) -> argparse.ArgumentParser:
+    """The arguments every Eagle fine-tuning A/B from the shipped drafter takes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--work", required=True, help="cache and checkpoint directory")
+    parser.add_argument("--data", required=True,
+                        help="an Eagle recipe's work directory (features.npz, features_si.npz)")
+    parser.add_argument("--steps", type=int, default=default_steps)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", default="benchmarks")
+    return parser
+
+
+def ab_start(data_dir: Path) -> dict:
+    """What every arm shares: the target, the shipped Eagle (its head ids and head rows, the
+    target's embedding), the training items (each corpus of `data_dir` minus its last 5%, the
+    recipe's held-out share) and the held out set: the target's greedy answers to the chat
+    benchmark's prompts (`seqs`) and their features with greedy labels (`held`)."""
     import jaxspec as js
     from jaxspec.bench.chat_bench import load_prompts
-    from jaxspec.bench.report import markdown_table, write_report
     from jaxspec.speculative.default import shipped_drafter
     from jaxspec.speculative.drafters.eagle import head_rows
-    from jaxspec.train.eagle import FeatureBatches, compute_features
+    from jaxspec.train.eagle import compute_features
     from jaxspec.train.recipes.features import load_features
-    from jaxspec.train.trainer import TrainConfig, train
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from eagle_generalisation import answers
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", required=True, help="cache and checkpoint directory")
-    parser.add_argument("--data", required=True,
-                        help="an Eagle recipe's work directory (features.npz, features_si.npz)")
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--out", default="benchmarks")
-    args = parser.parse_args(argv)
+    target = js.load("smollm2-135m-instruct")
+    shipped = shipped_drafter(target, "eagle")
+    items = []
+    for name in ("features.npz", "features_si.npz"):
+        part = load_features(Path(data_dir) / name)
+        items += part[:len(part) - max(1, len(part) // 20)]
+    seqs = answers(target, [c for _, _, c in load_prompts(code=True)])
+    return dict(target=target, shipped=shipped, head_ids=shipped.params["head_ids"],
+                head=head_rows(target.params, shipped.params["head_ids"]),
+                embed=target.params["embed"], items=items, seqs=seqs,
+                held=compute_features(target, seqs, labels=True, log=lambda *_: None))
+
+
+def fine_tune_arm(arm: str, loss, scoring, params, train_items, held_items, seqs, config, args,
+                  work: Path) -> dict:
+    """Fine-tune `params` (copies of the shipped drafter's) with `loss` for args.steps (seed 1,
+    batch args.batch_size x 128, cosine lr args.lr, warmup 50); the held-out scores before and
+    after (`held_out_score` with `scoring`)."""
+    from jaxspec.train.eagle import FeatureBatches
+    from jaxspec.train.trainer import TrainConfig, train
+
+    before = held_out_score(scoring, params, held_items, seqs)
+    data = FeatureBatches(train_items, length=128, batch_size=args.batch_size, seed=1)
+    cfg = TrainConfig(batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=50,
+                      max_steps=args.steps, weight_decay=0.0, checkpoint_every=100,
+                      eval_every=10 ** 9, log_every=20)
+    t0 = time.perf_counter()
+    result = train(params, config, data, cfg, loss_fn=loss, checkpoint_dir=work / f"ckpt_{arm}",
+                   name=arm)
+    out = {"before": before, "after": held_out_score(scoring, result.params, held_items, seqs),
+           "steps": result.step, "train_seconds": round(time.perf_counter() - t0, 1)}
+    print(arm, json.dumps(out), flush=True)
+    return out
+
+
+def shipped_params(shipped) -> dict:
+    """Trainable copies of a drafter's weights (training donates its params)."""
+    import jax
+    import jax.numpy as jnp
+
+    return {k: jax.tree_util.tree_map(jnp.array, v) for k, v in shipped.params.items()
+            if k not in ("head_ids", "head_order")}
+
+
+def main(argv=None) -> int:
+    import jax.numpy as jnp
+    import ml_dtypes
+
+    from jaxspec.bench.report import markdown_table, write_report
+
+    args = ab_parser(__doc__.splitlines()[0], 800).parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    ab = ab_start(Path(args.data))
+    target, shipped, items = ab["target"], ab["shipped"], ab["items"]
+    seqs, d = ab["seqs"], target.config.hidden_size
 
-    target = js.load("smollm2-135m-instruct")
-    shipped = shipped_drafter(target, "eagle")
-    d = target.config.hidden_size
-    head_ids = shipped.params["head_ids"]
-    head = head_rows(target.params, head_ids)
-    embed = target.params["embed"]
-
-    # Training items: each corpus minus its last 5% (the recipe's held-out share).
-    items = []
-    for name in ("features.npz", "features_si.npz"):
-        part = load_features(Path(args.data) / name)
-        items += part[:len(part) - max(1, len(part) // 20)]
     cache = work / "layer_states.npy"
     if cache.exists():
         flat = np.load(cache).view(ml_dtypes.bfloat16)
@@ -196,53 +263,19 @@ def main(argv=None) -> int:
                    for (t, f, lab), s in zip(items, states)]
     print(f"{len(train_items)} train sequences, {sum(len(it[0]) for it in items)} tokens; "
           f"{time.perf_counter() - started:.0f} s", flush=True)
-
-    # Held out: the benchmark's prompts, answered greedily by the target.
-    held_convs = [c for _, _, c in load_prompts(code=True)]
-    seqs = answers(target, held_convs)
-    held = compute_features(target, seqs, labels=True, log=lambda *_: None)
-    held_states = layer_states(target, held, log=lambda *_: None)
+    held_states = layer_states(target, ab["held"], log=lambda *_: None)
     held_items = [(t, np.concatenate([f, s], axis=-1), lab)
-                  for (t, f, lab), s in zip(held, held_states)]
+                  for (t, f, lab), s in zip(ab["held"], held_states)]
 
     results = {}
     for arm in ("last", "fused"):
-        loss = make_fused_loss(shipped.config, embed, head_ids, head, fused=arm == "fused", d=d)
-        params = {k: jax.tree_util.tree_map(jnp.array, v) for k, v in shipped.params.items()
-                  if k not in ("head_ids", "head_order")}   # copies: training donates its params
+        loss = make_fused_loss(shipped.config, ab["embed"], ab["head_ids"], ab["head"],
+                               fused=arm == "fused", d=d)
+        params = shipped_params(shipped)
         if arm == "fused":
             params["fuse"] = {"kernel": jnp.zeros((2 * d, d), jnp.float32)}
-
-        def score(p):
-            sums, count = {}, 0
-            ev = jax.jit(lambda p, b: loss(p, b)[1])
-            for (tokens, feats, labels), (_, start) in zip(held_items, seqs):
-                size = int(math.ceil(len(tokens) / 64) * 64)   # one compile per 64 tokens
-                pad = lambda a: np.pad(a, [(0, size - len(a))] + [(0, 0)] * (a.ndim - 1))
-                valid = np.zeros((1, size), bool)
-                valid[0, start:len(tokens)] = True
-                n = int(valid[0, start + 2:].sum())
-                m = ev(p, {"tokens": pad(tokens)[None],
-                           "features": pad(feats.astype(np.float32))[None],
-                           "valid": valid, "labels": pad(labels)[None]})
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * n
-                count += n
-            return {k: round(v / count, 4) for k, v in sums.items()
-                    if k.startswith("top") or k.startswith("ce")}
-
-        before = score(params)
-        data = FeatureBatches(train_items, length=128, batch_size=args.batch_size, seed=1)
-        cfg = TrainConfig(batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=50,
-                          max_steps=args.steps, weight_decay=0.0, checkpoint_every=100,
-                          eval_every=10 ** 9, log_every=20)
-        t0 = time.perf_counter()
-        result = train(params, shipped.config, data, cfg, loss_fn=loss,
-                       checkpoint_dir=work / f"ckpt_{arm}", name=arm)
-        after = score(result.params)
-        results[arm] = {"before": before, "after": after, "steps": result.step,
-                        "train_seconds": round(time.perf_counter() - t0, 1)}
-        print(arm, json.dumps(results[arm]), flush=True)
+        results[arm] = fine_tune_arm(arm, loss, loss, params, train_items, held_items, seqs,
+                                     shipped.config, args, work)
 
     cols = ["top1_1", "top2_1", "top3_1", "top4_1", "top1_2", "ce1"]
     lines = ["# EAGLE-3 fused low/mid-layer input on SmolLM2-135M: an A/B from the shipped Eagle", "",

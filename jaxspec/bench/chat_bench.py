@@ -64,6 +64,9 @@ def method_table(target, eagles=(), drafts=()) -> dict:
     import jaxspec as js
 
     methods = {"autoregressive": None,
+               # The same autoregressive program again, timed like any method: its slowest prompt
+               # is the noise floor of the per-prompt speedups ("never slower" is per prompt).
+               "autoregressive_again": None,
                "prompt_lookup": js.PromptLookup(ngram=3, num_tokens=8),
                "prompt_lookup_tree": js.PromptLookup(ngram=3, num_tokens=8, num_candidates=4),
                "token_recycling_80": js.TokenRecycling(k=8, tree=js.trees.TOKEN_RECYCLING_80),

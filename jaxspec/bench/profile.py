@@ -217,6 +217,7 @@ def main(args) -> int:
         raise ValueError(f"--batch must be >= 1, got {batch}")
     if getattr(args, "model", None):
         methods = method_table(target)
+        methods.pop("autoregressive_again")      # the bench's noise control; one AR row here
         items = load_prompts(code=False)
         if batch > len(items):
             raise ValueError(f"--batch {batch} is more than the {len(items)} held-out chat prompts")

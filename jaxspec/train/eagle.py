@@ -9,7 +9,9 @@ Loss per position p (EAGLE-1's, with one step of EAGLE-3's "training-time test")
   step 1: input fc([f_p ; e(x_{p+1})]) -> h_p, regressed on f_{p+1} (smooth L1) and classified
           as the target's greedy token after x_{p+1} (= x_{p+2} on the target's own greedy text;
           `labels` from `compute_features(..., labels=True)` on any other text) over the V' head
-          tokens (cross-entropy, weight `ce_weight`);
+          tokens (cross-entropy, weight `ce_weight`; with `soft_labels`, cross-entropy against the
+          target's own distribution over the V' head tokens, softmax(head(f_{p+1})), as EAGLE's
+          and EAGLE-3's reference trainers do, instead of its greedy token alone);
   step 2: input fc([h_p ; e(x_{p+2})]) at position p+1, attending to step 1's keys of positions
           <= p and to itself -- exactly what drafting a second token sees -- -> h2_p, regressed on
           f_{p+2} and classified as the target's greedy token after x_{p+2}; weighted by `second_step_weight`.
@@ -190,9 +192,12 @@ def step_two(params, config, x2, positions, k1, v1):
 
 
 def make_loss(config, embed, head_ids, ce_weight: float = 0.5, second_step_weight: float = 0.5,
-              head=None):
+              head=None, soft_labels: bool = False):
     """loss(params, batch) for `trainer.train`; embed: the target's [V, D] embedding (frozen);
-    head: the target's LM-head rows of head_ids [V', D] (default: embed[head_ids], tied)."""
+    head: the target's LM-head rows of head_ids [V', D] (default: embed[head_ids], tied).
+    soft_labels: classify against the target's distribution over the head's tokens (from the
+    cached feature f_{p+step}, renormalised over V') rather than its greedy token; `ce{step}` then
+    reports that soft cross-entropy and `top1_{step}` still scores the greedy token."""
     vocab = embed.shape[0]
     to_head = jnp.full((vocab,), -1, jnp.int32).at[head_ids].set(jnp.arange(head_ids.shape[0]))
     head = embed[head_ids] if head is None else head                                 # [V', D]
@@ -217,10 +222,16 @@ def make_loss(config, embed, head_ids, ce_weight: float = 0.5, second_step_weigh
             mask = valid[:, step + 1:t + step + 1].astype(jnp.float32)
             reg = jnp.mean(optax.huber_loss(h, target_f, delta=1.0), axis=-1)           # [B, T]
             logits = head_logits(head, h)                                           # [B, T, V']
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(label, 0))
             ce_mask = mask * (label >= 0)
             n, n_ce = jnp.maximum(mask.sum(), 1.0), jnp.maximum(ce_mask.sum(), 1.0)
-            reg_l, ce_l = (reg * mask).sum() / n, (ce * ce_mask).sum() / n_ce
+            if soft_labels:
+                teacher = jax.nn.softmax(head_logits(head, target_f), axis=-1)        # [B, T, V']
+                ce = optax.softmax_cross_entropy(logits, teacher)                      # [B, T]
+                ce_l = (ce * mask).sum() / n
+            else:
+                ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(label, 0))
+                ce_l = (ce * ce_mask).sum() / n_ce
+            reg_l = (reg * mask).sum() / n
             top1 = ((jnp.argmax(logits, -1) == label) * ce_mask).sum() / n_ce
             total = total + weight * (reg_l + ce_weight * ce_l)
             metrics.update({f"reg{step}": reg_l, f"ce{step}": ce_l, f"top1_{step}": top1})

@@ -176,6 +176,36 @@ def test_training_lowers_the_loss(trained):
         assert last[f"top1_{step}"] > 0.9 > 0.1 > first[f"top1_{step}"]
 
 
+def test_soft_labels_take_the_cross_entropy_against_the_target_distribution(target, trained):
+    """soft_labels: step 1's classification term is sum_v p(v) (-log q(v)) with p the target's
+    distribution over the head tokens at the next position (from its cached feature) and q the
+    drafter's, averaged over valid positions, written out here; the feature term and the greedy
+    top-1 are those of the hard-label loss."""
+    drafter, _, _, items = trained
+    head_ids = drafter.params["head_ids"]
+    head = _head(target, head_ids)
+    batch, _ = eagle_train.FeatureBatches(items, length=32, batch_size=4, seed=3).batch(0)
+    batch = jax.tree_util.tree_map(jnp.asarray, batch)
+    args = (drafter.config, target.params["embed"], head_ids)
+    _, soft = eagle_train.make_loss(*args, head=head, soft_labels=True)(drafter.params, batch)
+    _, hard = eagle_train.make_loss(*args, head=head)(drafter.params, batch)
+
+    tokens, f = batch["tokens"], batch["features"].astype(jnp.float32)
+    t = tokens.shape[1] - 3
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (tokens.shape[0], t))
+    x1 = draft_features(drafter.params, drafter.config, f[:, :t],
+                        target.params["embed"][tokens[:, 1:t + 1]])
+    h1, _ = eagle_train.step_one(drafter.params, drafter.config, x1, positions)
+    p = np.asarray(jax.nn.softmax(head_logits(head, f[:, 1:t + 1]), -1), np.float64)
+    log_q = np.asarray(jax.nn.log_softmax(head_logits(head, h1), -1), np.float64)
+    mask = np.asarray(batch["valid"][:, 2:t + 2])
+    expected = (-(p * log_q).sum(-1) * mask).sum() / mask.sum()
+    np.testing.assert_allclose(float(soft["ce1"]), expected, rtol=1e-4)
+    assert float(soft["ce1"]) > float(hard["ce1"])     # the target's entropy is in it
+    for key in ("reg1", "reg2", "top1_1", "top1_2"):
+        assert float(soft[key]) == float(hard[key]), key
+
+
 def test_trained_drafter_is_accepted_and_exact(tiny, target, greedy_ref, trained):
     """Same program as "chain4" (only the weights differ); its drafts are now accepted. Its final
     cache holds, slot by slot, what the layer computes from true features: drafted positions

@@ -36,6 +36,9 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--minutes", type=float, default=None, help="training time budget")
     parser.add_argument("--num-tokens", type=int, default=5, help="default chain length saved")
+    parser.add_argument("--soft-labels", action="store_true",
+                        help="classify against the target's distribution over the head tokens "
+                             "(EAGLE's reference loss) instead of its greedy token")
     args = parser.parse_args(argv)
 
     import jax.numpy as jnp
@@ -72,7 +75,8 @@ def main(argv=None) -> int:
                     for i in range(min(8, max(1, len(held.windows) // args.batch_size)))]
     from jaxspec.speculative.drafters.eagle import head_rows
     loss = eagle_train.make_loss(drafter.config, target.params["embed"], jnp.asarray(head_ids),
-                                 head=head_rows(target.params, jnp.asarray(head_ids)))
+                                 head=head_rows(target.params, jnp.asarray(head_ids)),
+                                 soft_labels=args.soft_labels)
 
     def loss_fn(p, batch):  # head_ids are data, not trained
         return loss(dict(p, head_ids=jnp.asarray(head_ids)), batch)
@@ -99,6 +103,7 @@ def main(argv=None) -> int:
             "train_sequences": len(train_items),
             "train_tokens": int(sum(len(it[0]) for it in train_items)), "steps": result.step,
             "finished": result.finished, "head_tokens": int(len(head_ids)),
+            "labels": "soft" if args.soft_labels else "greedy",
             "held_out": {k: round(float(v), 4) for k, v in evals.items()},
             "timings_s": {k: round(v, 1) for k, v in timings.items()},
             "command": "jaxspec train eagle " + " ".join(argv or [])}
