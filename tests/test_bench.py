@@ -135,6 +135,7 @@ def test_chat_bench_adds_an_exported_eagle_and_refuses_bad_ones(tmp_path):
     js.Eagle.create(target, num_tokens=3).save(tmp_path / "mine")
     js.Eagle.create(other, num_tokens=3).save(tmp_path / "theirs")
     methods = method_table(target, [f"new={tmp_path / 'mine'}"])
+    assert methods["autoregressive"] is None and methods["autoregressive_again"] is None  # A/A
     assert methods["new_k2"].tree == js.trees.chain(2) and methods["new_k3"].tree == js.trees.chain(3)
     assert isinstance(methods["hybrid_new"], js.Hybrid)
     with pytest.raises(ValueError, match=r"--eagle takes NAME=DIR, got 'mine'"):
