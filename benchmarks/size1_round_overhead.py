@@ -10,7 +10,8 @@ difference is the fixed per-round overhead issue 12 bounds at 5% of a step (draf
 here; `jaxspec bench --profile` splits the drafting out; Eagle with its default stop_below,
 which skips the second draft level when the first node's probability is below 0.1, and with
 stop_below=None, which drafts both levels every round). Eagle's whole chain of 2
-(sizing=None) is the reference for a round that verifies its draft.
+(sizing=None) is the reference for a round that verifies its draft. The default js.Hybrid is
+measured as is and with its Eagle run only on probe rounds (skip_below=1.0).
 Writes size1_round_overhead.{json,md}.
 """
 
@@ -60,6 +61,12 @@ def main(argv=None) -> int:
         "Medusa chain of 2, size 1": None,
         "Token Recycling (81 nodes), size 1": js.TokenRecycling(sizing=size_one_table(81)),
         "Eagle chain of 2, whole chain": eagle.replace(sizing=None),
+        # The default hybrid (Eagle chain of 2 and prompt lookup of 8, 9 nodes), and the same
+        # with the Eagle run only on its probe rounds (every probe_every-th): the difference is
+        # what the Eagle's rounds cost, the rest the hybrid's bookkeeping and lookup's search.
+        "js.Hybrid (default), size 1": js.Hybrid(eagle, sizing=size_one_table(9)),
+        "js.Hybrid, size 1, Eagle on probe rounds only": js.Hybrid(
+            eagle, sizing=size_one_table(9), skip_below=1.0),
     }
     from jaxspec.speculative.default import shipped_drafter
 
