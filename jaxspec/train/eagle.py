@@ -192,12 +192,14 @@ def step_two(params, config, x2, positions, k1, v1):
 
 
 def make_loss(config, embed, head_ids, ce_weight: float = 0.5, second_step_weight: float = 0.5,
-              head=None, soft_labels: bool = False):
+              head=None, soft_labels: bool = False, logit_softcap: float | None = None):
     """loss(params, batch) for `trainer.train`; embed: the target's [V, D] embedding (frozen);
     head: the target's LM-head rows of head_ids [V', D] (default: embed[head_ids], tied).
     soft_labels: classify against the target's distribution over the head's tokens (from the
     cached feature f_{p+step}, renormalised over V') rather than its greedy token; `ce{step}` then
-    reports that soft cross-entropy and `top1_{step}` still scores the greedy token."""
+    reports that soft cross-entropy and `top1_{step}` still scores the greedy token.
+    logit_softcap: the target's final_logit_softcap (Gemma 2/3), applied to the teacher's logits
+    so that the soft labels are the target's own distribution."""
     vocab = embed.shape[0]
     to_head = jnp.full((vocab,), -1, jnp.int32).at[head_ids].set(jnp.arange(head_ids.shape[0]))
     head = embed[head_ids] if head is None else head                                 # [V', D]
@@ -225,7 +227,10 @@ def make_loss(config, embed, head_ids, ce_weight: float = 0.5, second_step_weigh
             ce_mask = mask * (label >= 0)
             n, n_ce = jnp.maximum(mask.sum(), 1.0), jnp.maximum(ce_mask.sum(), 1.0)
             if soft_labels:
-                teacher = jax.nn.softmax(head_logits(head, target_f), axis=-1)        # [B, T, V']
+                teacher_logits = head_logits(head, target_f)                           # [B, T, V']
+                if logit_softcap is not None:
+                    teacher_logits = jnp.tanh(teacher_logits / logit_softcap) * logit_softcap
+                teacher = jax.nn.softmax(teacher_logits, axis=-1)                     # [B, T, V']
                 ce = optax.softmax_cross_entropy(logits, teacher)                      # [B, T]
                 ce_l = (ce * mask).sum() / n
             else:

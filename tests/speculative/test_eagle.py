@@ -204,6 +204,16 @@ def test_soft_labels_take_the_cross_entropy_against_the_target_distribution(targ
     assert float(soft["ce1"]) > float(hard["ce1"])     # the target's entropy is in it
     for key in ("reg1", "reg2", "top1_1", "top1_2"):
         assert float(soft[key]) == float(hard[key]), key
+    # A soft-capped target (Gemma 2/3): the teacher is softmax(cap * tanh(logits / cap)).
+    _, capped = eagle_train.make_loss(*args, head=head, soft_labels=True,
+                                      logit_softcap=0.5)(drafter.params, batch)
+    z = np.asarray(head_logits(head, f[:, 1:t + 1]), np.float64)
+    z = 0.5 * np.tanh(z / 0.5)
+    p_cap = np.exp(z - z.max(-1, keepdims=True))
+    p_cap /= p_cap.sum(-1, keepdims=True)
+    expected_cap = (-(p_cap * log_q).sum(-1) * mask).sum() / mask.sum()
+    np.testing.assert_allclose(float(capped["ce1"]), expected_cap, rtol=1e-4)
+    assert abs(expected_cap - expected) > 1e-2 * expected
 
 
 def test_trained_drafter_is_accepted_and_exact(tiny, target, greedy_ref, trained):

@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     from jaxspec.speculative.drafters.eagle import head_rows
     loss = eagle_train.make_loss(drafter.config, target.params["embed"], jnp.asarray(head_ids),
                                  head=head_rows(target.params, jnp.asarray(head_ids)),
-                                 soft_labels=args.soft_labels)
+                                 soft_labels=args.soft_labels,
+                                 logit_softcap=target.config.final_logit_softcap)
 
     def loss_fn(p, batch):  # head_ids are data, not trained
         return loss(dict(p, head_ids=jnp.asarray(head_ids)), batch)
