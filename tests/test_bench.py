@@ -228,3 +228,20 @@ def test_bench_refuses_repeats_below_one():
     args = parser.parse_args(["--repeats", "0"])
     with pytest.raises(ValueError, match="--repeats must be >= 1, got 0"):
         harness.main(args)
+
+
+def test_chat_bench_copy_set_loads_and_unknown_sets_are_refused():
+    """`--prompt-set copy`: 16 held-out edit requests (10 prose, 6 code) whose answers copy their
+    own text; none of them is a drafter training prompt; an unknown set is refused by name."""
+    from jaxspec.bench import chat_bench
+    from jaxspec.train.prompts import build_prompts
+
+    prompts = chat_bench.load_prompts(prompt_set="copy")
+    assert [c for _, c, _ in prompts] == ["text_edit"] * 10 + ["code_edit"] * 6
+    assert len({pid for pid, _, _ in prompts}) == 16
+    assert not any(chat_bench._in_category(dict(category=c), "chat") for _, c, _ in prompts)
+    trained = {conv[0]["content"] for conv in build_prompts(1200)}
+    assert not trained & {conv[0]["content"] for _, _, conv in prompts}
+    assert len(chat_bench.load_prompts()) == 36        # the default: 30 chat + 6 code prompts
+    with pytest.raises(ValueError, match="unknown prompt set 'edits': choose one of chat, copy"):
+        chat_bench.load_prompts(prompt_set="edits")

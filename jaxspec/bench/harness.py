@@ -226,6 +226,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "size; with --profile: profile rounds of this many prompts at once")
     parser.add_argument("--chat-prompts", type=int, default=0,
                         help="with --model: use this many of the held-out chat+code prompts (0: all)")
+    parser.add_argument("--prompt-set", default="chat",
+                        help="with --model: 'chat' (the held-out Spec-Bench-like chat prompts and "
+                             "code prompts) or 'copy' (16 requests whose answers copy their own "
+                             "text: prose and code edits, where prompt lookup finds a lot)")
     parser.add_argument("--target", help="HF target directory (default: the shipped pair)")
     parser.add_argument("--draft", help="HF draft directory (default: the shipped pair)")
     parser.add_argument("--eagle", action="append", default=[], metavar="NAME=DIR",

@@ -65,6 +65,27 @@ def test_greedy_identical_when_the_eagle_skips_rounds(tiny, target, greedy_ref, 
         assert (skipped == 0).all()
 
 
+@pytest.mark.parametrize("sizing", [None, COSTS], ids=["whole", "sized"])
+def test_eagle_alone_greedy_identical_with_skipped_rounds(tiny, target, greedy_ref, sizing):
+    """lookup=None: the Eagle's chain alone, its rounds skipped while its record is low (here
+    always: skip_below=1.0, a probe every third round). Greedy output is the target's; no row
+    ever verifies a lookup chain."""
+    eagle = Eagle.create(target, num_tokens=2, key=1)
+    drafter = Hybrid(eagle, None, sizing=sizing, skip_below=1.0, probe_every=3)
+    assert drafter.tree.num_nodes == 3
+    out = js.generate(target, tiny.prompts, max_new_tokens=tiny.max_new, drafter=drafter)
+    np.testing.assert_array_equal(out.tokens, greedy_ref.tokens)
+    np.testing.assert_array_equal(out.lengths, greedy_ref.lengths)
+    state = out.drafter_state
+    assert not np.asarray(state.lookup_valid).any()
+    assert np.asarray(state.skipped).max() < 3
+    assert not np.allclose(np.asarray(state.model_hits), 0.5)   # probed rounds were scored
+    with pytest.raises(ValueError, match=r"this Hybrid has no prompt lookup \(lookup=None\): "
+                                         "lookup_tokens does not apply"):
+        drafter.with_tree(lookup_tokens=4)
+    assert drafter.with_tree(num_tokens=3).tree.num_nodes == 4
+
+
 def test_catch_up_after_skipped_rounds_matches_running_every_round(target):
     """Two rounds appended behind (Eagle.commit(behind=...)) and one wide catch-up leave the
     Eagle's cache and next draft as running it every round does."""
@@ -208,18 +229,20 @@ def test_each_row_verifies_the_chain_its_records_favour(target):
                                rtol=1e-6)
 
 
-@pytest.mark.parametrize("skip_below,probe_every", [(None, 8), (1.0, 2)],
-                         ids=["eagle_every_round", "eagle_every_other_round"])
-def test_sampling_distribution_chi_square(skip_below, probe_every):
+@pytest.mark.parametrize("skip_below,probe_every,with_lookup", [(None, 8, True), (1.0, 2, True),
+                                                               (1.0, 2, False)],
+                         ids=["eagle_every_round", "eagle_every_other_round", "eagle_alone"])
+def test_sampling_distribution_chi_square(skip_below, probe_every, with_lookup):
     """The first three tokens of 2000 rows after a prompt that lookup continues for some rows
     (its 1-gram and 2-gram matches depend on the sampled first token) follow the target's exact
     law (temperature 0.9, top-k 5), with a sized round; with the Eagle run every round, and
-    skipped every other round (its features piled up, then caught up on). Seeded; a correct
-    rule passes p > 1e-3 with probability 0.999."""
+    skipped every other round (its features piled up, then caught up on); and the Eagle alone
+    (lookup=None), skipped every other round. Seeded; a correct rule passes p > 1e-3 with
+    probability 0.999."""
     sampling = Sampling(temperature=0.9, top_k=5)
     target, _ = small_models(SMALL_VOCAB)
     eagle = _sharpened(Eagle.create(target, num_tokens=2, key=4), seed=4)
-    drafter = Hybrid(eagle, js.PromptLookup(ngram=2, num_tokens=3),
+    drafter = Hybrid(eagle, js.PromptLookup(ngram=2, num_tokens=3) if with_lookup else None,
                      sizing=CostModel(sizes=(1, 2, 4), ms=(1.0, 1.05, 1.1)),
                      skip_below=skip_below, probe_every=probe_every)
     prompt = [1, 2, 3, 1, 2]
@@ -237,9 +260,11 @@ def test_sampling_distribution_chi_square(skip_below, probe_every):
     print(f"hybrid: p={pvalue:.3g} over {cells} cells, accepted per row {accepted.mean():.2f}")
     assert cells >= 20
     assert (accepted == 0).any() and (accepted >= 2).any()
-    # Some rows' lookup records moved (it matched there), some did not (no match).
     first = np.asarray(state.lookup_first)
-    assert (first != 0.5).any() and (first == 0.5).any()
+    if with_lookup:   # some rows' lookup records moved (it matched there), some did not
+        assert (first != 0.5).any() and (first == 0.5).any()
+    else:             # no lookup: its records never move
+        assert (first == 0.5).all()
     assert pvalue > 1e-3
     wrong, _ = _chi_square_pvalue(observed, _exact_law(target, prompt, Sampling(temperature=0.9)),
                                   ROWS)
@@ -301,7 +326,7 @@ def test_refusals(target):
         Hybrid(eagle.with_tree(tree=js.trees.kary(2, 2)))
     with pytest.raises(ValueError, match="must draft a chain: use eagle.with_tree"):
         Hybrid(eagle.with_tree(tree=js.trees.dynamic(4, 2, 2)))
-    with pytest.raises(ValueError, match="lookup must be a js.PromptLookup"):
+    with pytest.raises(ValueError, match="lookup must be a js.PromptLookup or None, got Eagle"):
         Hybrid(eagle, lookup=eagle)
     with pytest.raises(ValueError, match="num_candidates=1"):
         Hybrid(eagle, lookup=js.PromptLookup(num_candidates=2))

@@ -45,6 +45,11 @@ was; the round's committed features are appended to the pending ones (Eagle.comm
 and the next round that runs it catches up on all of them in one wider layer pass. The decision
 reads only records of earlier rounds, so it is made before the target's logits are seen and the
 hybrid stays lossless; a skipped round's first-token guess is not scored.
+
+The trained drafter alone (`lookup=None`). The same rounds without prompt lookup: the Eagle's
+chain, sized from its record-scaled confidences, and its rounds skipped while no active row's
+record reaches `skip_below`. This is the Eagle with the skip that js.Eagle's own rounds lack (a
+js.Eagle drafts every round, and sizing can only cut what it already paid for).
 """
 
 from __future__ import annotations
@@ -140,7 +145,8 @@ class Hybrid:
     """
 
     drafter: Eagle
-    lookup: PromptLookup = PromptLookup(ngram=3, num_tokens=8, sizing=None)
+    # None: the trained drafter alone, with the records and the skip (module docstring).
+    lookup: PromptLookup | None = PromptLookup(ngram=3, num_tokens=8, sizing=None)
     sizing: object = struct.field(pytree_node=False, default="auto")
     skip_below: float | None = struct.field(pytree_node=False, default=0.3)
     probe_every: int = struct.field(pytree_node=False, default=8)
@@ -165,10 +171,10 @@ class Hybrid:
         if isinstance(self.drafter.tree, DynamicTree) or self.drafter.tree.max_children != 1:
             raise ValueError("Hybrid's drafter must draft a chain: use "
                              "eagle.with_tree(num_tokens=k)")
-        if not isinstance(self.lookup, PromptLookup):
-            raise ValueError(f"Hybrid's lookup must be a js.PromptLookup, got "
+        if self.lookup is not None and not isinstance(self.lookup, PromptLookup):
+            raise ValueError(f"Hybrid's lookup must be a js.PromptLookup or None, got "
                              f"{type(self.lookup).__name__}")
-        if self.lookup.num_candidates != 1:
+        if self.lookup is not None and self.lookup.num_candidates != 1:
             raise ValueError("Hybrid's lookup must draft a chain (num_candidates=1)")
         if self.skip_below is not None and not 0.0 <= self.skip_below <= 1.0:
             raise ValueError(f"Hybrid's skip_below is a first-token hit rate in [0, 1] or None, "
@@ -188,17 +194,22 @@ class Hybrid:
         object.__setattr__(self, "sizing", checked_sizing(self.sizing))
         # The parts are sized by the hybrid, never on their own.
         object.__setattr__(self, "drafter", self.drafter.replace(sizing=None))
-        object.__setattr__(self, "lookup", self.lookup.replace(sizing=None))
+        if self.lookup is not None:
+            object.__setattr__(self, "lookup", self.lookup.replace(sizing=None))
 
     def with_tree(self, num_tokens: int | None = None, lookup_tokens: int | None = None) -> "Hybrid":
         """The same drafters with another Eagle chain length and/or lookup chain length."""
         drafter = self.drafter if num_tokens is None else self.drafter.with_tree(num_tokens=num_tokens)
+        if lookup_tokens is not None and self.lookup is None:
+            raise ValueError("this Hybrid has no prompt lookup (lookup=None): lookup_tokens does "
+                             "not apply")
         lookup = self.lookup if lookup_tokens is None else self.lookup.replace(num_tokens=lookup_tokens)
         return self.replace(drafter=drafter, lookup=lookup)
 
     @property
     def tree(self):
-        return chain(max(self.drafter.tree.max_depth, self.lookup.num_tokens))
+        lookup_depth = 0 if self.lookup is None else self.lookup.num_tokens
+        return chain(max(self.drafter.tree.max_depth, lookup_depth))
 
     @property
     def verify_sizes(self) -> tuple:
@@ -270,8 +281,12 @@ class Hybrid:
         n = self.tree.num_nodes
         model, inner, ran = self._model_round(state, ctx, sampling, key, vocab)
         model = _padded(model, n)
-        lookup, _ = self.lookup.propose(None, ctx, sampling, key, vocab)
-        lookup = _padded(lookup, n)
+        if self.lookup is None:     # no lookup chain: an empty one never wins a row
+            lookup = model.replace(tokens=jnp.zeros_like(model.tokens),
+                                   valid=jnp.zeros_like(model.valid), q=None, confidence=None)
+        else:
+            lookup, _ = self.lookup.propose(None, ctx, sampling, key, vocab)
+            lookup = _padded(lookup, n)
         batch, k = ctx.length.shape[0], n - 1
         scale = state.model_hits / jnp.maximum(state.model_claimed, 1e-3)           # [B]
         model_conf = jnp.clip(model.confidence[:, 1:] * scale[:, None], 0.0, 1.0)   # [B, K]
@@ -289,7 +304,9 @@ class Hybrid:
                                                lookup.valid[:, 1:], costs)          # [B]
         pick = lambda a, b: jnp.where(use.reshape((batch,) + (1,) * (a.ndim - 1)), a, b)
         q = None
-        if model.q is not None:
+        if model.q is not None and self.lookup is None:
+            q = model.q
+        elif model.q is not None:
             one_hot = jax.nn.one_hot(lookup.tokens, vocab, dtype=jnp.float32)       # [B, N, V]
             q = pick(one_hot * lookup.valid[..., None], model.q)
         ones = jnp.ones((batch, 1), jnp.float32)
