@@ -14,20 +14,12 @@ only (a prefix of a tree's nodes is a valid tree), which keeps greedy decoding e
 for greedy rounds only: under sampling a node's confidence depends on its own drawn token (and its
 children's q on it), and choosing by it would skew the accepted tokens' law.
 
-`choose_size_by_rate(costs, rate, prefix_depths, active, next_rate=)` sizes sampled rounds (and
-greedy rounds of drafters without confidences: prompt lookup, Token Recycling). It is decided
+`choose_size_by_rate(costs, rate, prefix_depths, active)` sizes sampled rounds. It is decided
 before the round's draft is drawn: from each row's acceptance rate, an exponential average over
 earlier rounds of the first draft token's exact acceptance probability sum_x min(p(x), q(x))
-(`first_acceptance`), and the static depth of each size's node prefix. For trees, expected
-committed tokens are sum_{d <= depth} rate^d (Leviathan et al.'s geometric model). For chains
-the deeper tokens have a record of their own, `next_rate`: how often a drafted token was accepted
-once its parent was (`update_next_rate`), and depth d is reached with rate * next_rate^(d - 1).
-One rate for every depth prices a prompt-lookup match as a run of independent guesses, but a
-match that starts right tends to stay right (on SmolLM2's copy-heavy prompts: a first token
-accepted in 0.35 of the rounds, each deeper one in 0.76-0.97 of the rounds its parent was), and
-the geometric model then verified too little of it (`benchmarks/bench_smollm2_cpu_copy.md`).
-Conditioned on the past, the round's size is then fixed, so any lossless rule stays lossless
-(invariant 8).
+(`first_acceptance`), and the static depth of each size's node prefix. Expected committed
+tokens are sum_{d <= depth} rate^d (Leviathan et al.'s geometric model). Conditioned on the past,
+the round's size is then fixed, so any lossless rule stays lossless (invariant 8).
 
 `calibrated_confidence(confidence, calibration)` corrects a drafter's confidences before
 `choose_size` by each row's record: a trained drafter's own probability is not the target's
@@ -180,8 +172,6 @@ def choose_size(costs: CostModel, confidence, parents, valid, active, max_depth:
 
 
 RATE_PRIOR = 0.5   # a row's acceptance rate before its first round
-NEXT_PRIOR = 0.7   # a row's record of a deeper chain token accepted once its parent was, before
-                   # its first round
 RATE_DECAY = 0.7   # weight of the past in the per-round exponential average
 
 
@@ -226,17 +216,6 @@ def update_rate(rate, draft, root_probs, active):
     return jnp.where(active & draft.valid[:, 1], moved, rate)
 
 
-def update_next_rate(next_rate, drafted, accepted, active):
-    """Chains: the exponential average of how often a drafted token at depth >= 2 was accepted
-    once its parent was. drafted: [B] chain tokens verified this round; accepted: [B] accepted
-    tokens. Depths 2..min(accepted + 1, drafted) were tried and 2..min(accepted, drafted) taken;
-    rows with no such try keep their record. [B]"""
-    tries = jnp.minimum(accepted, jnp.maximum(drafted - 1, 0))                   # [B]
-    hits = jnp.maximum(jnp.minimum(accepted, drafted) - 1, 0)                     # [B]
-    moved = RATE_DECAY * next_rate + (1.0 - RATE_DECAY) * hits / jnp.maximum(tries, 1)
-    return jnp.where(active & (tries > 0), moved, next_rate)
-
-
 def prefix_depths(costs: CostModel, tree) -> tuple:
     """The deepest node among the first s nodes, for each size s (static): from the TreeSpec's
     depths, or, for a dynamic tree (whose shape is drawn), the depth a chain of s nodes has."""
@@ -246,20 +225,13 @@ def prefix_depths(costs: CostModel, tree) -> tuple:
     return tuple(int(max(depths[:s])) for s in costs.sizes)
 
 
-def choose_size_by_rate(costs: CostModel, rate, depths: tuple, active, drafted: int = 0,
-                        next_rate=None):
-    """Index into costs.sizes maximising expected committed tokens per ms when draft depth d is
-    reached with probability rate^d, or, given next_rate [B] (chains), rate * next_rate^(d - 1).
-    rate: [B] float32; depths: per size (static); active: [B]; drafted: the drafter's node count
-    (static, for costs.draft_ms). Returns an int32 scalar. Uses nothing of the current round's
-    draft."""
+def choose_size_by_rate(costs: CostModel, rate, depths: tuple, active, drafted: int = 0):
+    """Index into costs.sizes maximising expected committed tokens per ms when each draft depth
+    is reached with probability rate^depth. rate: [B] float32; depths: per size (static);
+    active: [B]; drafted: the drafter's node count (static, for costs.draft_ms). Returns an
+    int32 scalar. Uses nothing of the current round's draft."""
     rate = jnp.where(active, jnp.clip(rate, 0.0, 0.999), 0.0)                     # [B]
-    depth = jnp.arange(max(depths) + 1)[None, :]                                   # [1, D+1]
-    if next_rate is None:
-        powers = rate[:, None] ** depth                                            # [B, D+1]
-    else:
-        deeper = jnp.clip(next_rate, 0.0, 0.999)[:, None] ** jnp.maximum(depth - 1, 0)
-        powers = jnp.where(depth == 0, 1.0, rate[:, None] * deeper)                # [B, D+1]
+    powers = rate[:, None] ** jnp.arange(max(depths) + 1)[None, :]                 # [B, D+1]
     powers = jnp.where(active[:, None], powers, 0.0)
     reached = jnp.cumsum(powers.sum(axis=0))                                       # [D+1]
     expected = jnp.stack([reached[d] for d in depths])                             # [S]

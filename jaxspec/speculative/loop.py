@@ -133,9 +133,6 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
     sized_by_rate = sizing is not None and (not sampling.greedy
                                             or not getattr(drafter, "drafts_confidence", True))
     rate = jnp.full((batch,), costs.RATE_PRIOR, jnp.float32) if sized_by_rate else None  # [B]
-    # Chains keep a second record for their deeper tokens (costs.update_next_rate).
-    chained = sized_by_rate and isinstance(tree, TreeSpec) and tree.max_children == 1
-    next_rate = jnp.full((batch,), costs.NEXT_PRIOR, jnp.float32) if chained else None  # [B]
     depths_by_size = costs.prefix_depths(sizing, tree) if sized_by_rate else None
     # Greedy rounds sized by the draft's confidences, corrected by each row's record of them.
     sized_by_confidence = (sizing is not None and sampling.greedy
@@ -235,7 +232,7 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
                 # commits its one token at any size; no row drafted -> a plain step.
                 rate_now = jnp.where(draft.valid[:, 1], rate_now, 0.0)
             index = costs.choose_size_by_rate(sizing, rate_now, depths_by_size, active,
-                                              drafted=n - 1, next_rate=state["next_rate"])
+                                              drafted=n - 1)
             if getattr(drafter, "skips_empty_rounds", False) and sizing.sizes[0] == 1:
                 index = jnp.where(jnp.any(draft.valid[:, 1] & active), index, 0)
             verified = jnp.asarray(sizing.sizes, jnp.int32)[index]
@@ -302,19 +299,16 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
             calibration = costs.update_calibration(calibration, draft, root_logits, active)
         steps, drafted, acc, by_pos = state["stats"]
         drafted_now = jnp.sum(draft.valid & (jnp.arange(n)[None, :] < verified), axis=1) - 1
-        next_rate = state["next_rate"]
-        if next_rate is not None:
-            next_rate = costs.update_next_rate(next_rate, drafted_now, accepted, active)
         stats = (steps + active, drafted + jnp.where(active, drafted_now, 0),
                  acc + jnp.where(active, accepted, 0),
                  by_pos + (active[:, None] & (accepted[:, None] > jnp.arange(depth_max)[None, :])))
         return dict(cache=cache, history=history, out=out, n_out=n_out, done=done, dstate=dstate,
                     stats=stats, round=state["round"] + 1, dfa=dfa, rate=rate,
-                    next_rate=next_rate, calibration=calibration)
+                    calibration=calibration)
 
     state = dict(cache=cache, history=history, out=out, n_out=n_out, done=done, dstate=dstate,
                  stats=stats, round=jnp.int32(1), dfa=dfa, rate=rate,
-                 next_rate=next_rate, calibration=calibration)
+                 calibration=calibration)
     state = jax.lax.while_loop(cond, body, state)
     steps, drafted, acc, by_pos = state["stats"]
     output = TokenOutput(tokens=state["out"][:, :max_new_tokens], lengths=state["n_out"],

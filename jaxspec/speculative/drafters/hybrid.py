@@ -58,12 +58,13 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxspec.speculative.costs import NEXT_PRIOR, RATE_DECAY, RATE_PRIOR, CostModel, checked_sizing
+from jaxspec.speculative.costs import RATE_DECAY, RATE_PRIOR, CostModel, checked_sizing
 from jaxspec.speculative.draft import Context, Draft
 from jaxspec.speculative.drafters.eagle import Eagle
 from jaxspec.speculative.drafters.prompt_lookup import PromptLookup
 from jaxspec.speculative.trees import DynamicTree, chain
 
+NEXT_PRIOR = 0.7   # prompt lookup's record of a deeper token being right, before any round
 PILE = 4           # pending capacity of the trained drafter, in rounds of the hybrid's depth + 1
 
 
