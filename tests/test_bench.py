@@ -245,3 +245,38 @@ def test_chat_bench_copy_set_loads_and_unknown_sets_are_refused():
     assert len(chat_bench.load_prompts()) == 36        # the default: 30 chat + 6 code prompts
     with pytest.raises(ValueError, match="unknown prompt set 'edits': choose one of chat, copy"):
         chat_bench.load_prompts(prompt_set="edits")
+
+
+def test_chat_bench_batched_repeats_keep_the_fastest_interleaved_run(monkeypatch):
+    """chat_bench.run at batch 2 with repeats=2: each group is warmed once per method, then
+    decoded twice per method, interleaved (autoregressive, fast, autoregressive, fast), and the
+    fastest run is kept with all runs listed. js.generate is a stub with scripted timings."""
+    import types
+
+    import numpy as np
+
+    import jaxspec
+    from jaxspec.bench import chat_bench
+
+    seconds = iter([9.0, 9.0,                 # group 1 warm-ups (autoregressive, fast)
+                    2.0, 1.5, 1.0, 1.8,       # group 1, passes 1 and 2
+                    3.0, 0.5, 2.5, 0.7])      # group 2 (same group size: no warm-up)
+    calls = []
+
+    def fake_generate(target, convs, max_new_tokens, drafter=None):
+        calls.append((convs[0][0]["content"], drafter))
+        return types.SimpleNamespace(
+            tokens=np.arange(8)[None].repeat(len(convs), 0), lengths=np.full(len(convs), 8),
+            stats={"seconds": next(seconds), "target_steps": [5] * len(convs),
+                   "accepted": [2] * len(convs), "accepted_by_position": [[2, 0]] * len(convs)})
+
+    monkeypatch.setattr(jaxspec, "generate", fake_generate)
+    prompts = [(p, "qa", [{"role": "user", "content": p}]) for p in ("p1", "p2", "p3", "p4")]
+    rows = chat_bench.run(None, {"autoregressive": None, "fast": "fast"}, prompts, 8, batch=2,
+                          repeats=2)
+    assert calls[2:6] == [("p1", None), ("p1", "fast")] * 2
+    assert calls[6:] == [("p3", None), ("p3", "fast")] * 2
+    assert [r["seconds"] for r in rows["autoregressive"]] == [1.0, 2.5]
+    assert [r["seconds_all"] for r in rows["fast"]] == [[1.5, 1.8], [0.5, 0.7]]
+    assert [r["seconds"] for r in rows["fast"]] == [1.5, 0.5]
+    assert all(r["identical"] and r["tokens"] == 16 for r in rows["fast"])

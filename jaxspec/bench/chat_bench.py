@@ -46,15 +46,10 @@ def load_prompts(code: bool = True, prompt_set: str = "chat") -> list[tuple[str,
     prompt_set="copy", the copy-heavy set (its prose edits, then its code edits)."""
     if prompt_set not in PROMPT_SETS:
         raise ValueError(f"unknown prompt set {prompt_set!r}: choose one of {', '.join(PROMPT_SETS)}")
-    if prompt_set == "copy":
-        return [(item["id"], item["category"], item["messages"])
-                for item in map(json.loads, COPY_PROMPTS_FILE.read_text().splitlines())]
-    out = []
-    for line in PROMPTS_FILE.read_text().splitlines():
-        if line.strip():
-            item = json.loads(line)
-            out.append((item["id"], item["category"], item["messages"]))
-    if code:
+    path = COPY_PROMPTS_FILE if prompt_set == "copy" else PROMPTS_FILE
+    out = [(item["id"], item["category"], item["messages"])
+           for item in map(json.loads, filter(str.strip, path.read_text().splitlines()))]
+    if prompt_set == "chat" and code:
         out += [(f"code-{i + 1}", "code", [{"role": "user", "content": p}])
                 for i, p in enumerate(CODE_PROMPTS)]
     return out
