@@ -194,8 +194,14 @@ def test_chat_bench_repeats_keep_the_fastest_interleaved_run_and_name_the_slowes
     scripted = {("p1", None): [2.0, 1.0, 1.5], ("p1", "fast"): [0.9, 0.5, 0.8],
                 ("p2", None): [1.0, 1.2, 1.1], ("p2", "fast"): [1.3, 1.25, 2.0]}
     calls = []
+    # The same calls with max_new_tokens=1 (prefill and drafter setup): warm-up, then one after
+    # each timed run; the fastest is kept per prompt.
+    firsts = {None: iter([9.0, 0.3, 0.2, 0.4, 0.2, 0.5, 0.2]),
+              "fast": iter([9.0, 0.25, 0.5, 0.3, 0.3, 0.25, 0.6])}
 
     def fake_generate(target, convs, max_new_tokens, drafter=None):
+        if max_new_tokens == 1:
+            return types.SimpleNamespace(stats={"seconds": next(firsts[drafter])})
         pid = convs[0][0]["content"]
         warm = not any(d == drafter for _, d in calls)   # one bucket: one warm-up per method
         timed = sum(c == (pid, drafter) for c in calls) - (pid == "p1")   # earlier timed runs
@@ -220,6 +226,10 @@ def test_chat_bench_repeats_keep_the_fastest_interleaved_run_and_name_the_slowes
     summary = chat_bench.summarise(rows)
     assert summary["fast"]["slowest_prompt"] == {"id": "p2", "speedup": pytest.approx(1.0 / 1.25)}
     assert summary["fast"]["overall"]["speedup"] == pytest.approx(2.0 / 1.75)
+    assert [r["prefill_seconds"] for r in rows["autoregressive"]] == [0.2, 0.2]
+    assert [r["prefill_seconds"] for r in rows["fast"]] == [0.25, 0.25]
+    # Prefill excluded: (1.0 - 0.2) * 2 against (0.5 - 0.25) + (1.25 - 0.25).
+    assert summary["fast"]["overall"]["decode_speedup"] == pytest.approx(1.6 / 1.25)
 
 
 def test_bench_refuses_repeats_below_one():
@@ -264,6 +274,8 @@ def test_chat_bench_batched_repeats_keep_the_fastest_interleaved_run(monkeypatch
     calls = []
 
     def fake_generate(target, convs, max_new_tokens, drafter=None):
+        if max_new_tokens == 1:              # the prefill's timing (warm-up, then per run)
+            return types.SimpleNamespace(stats={"seconds": 0.1 if drafter is None else 0.2})
         calls.append((convs[0][0]["content"], drafter))
         return types.SimpleNamespace(
             tokens=np.arange(8)[None].repeat(len(convs), 0), lengths=np.full(len(convs), 8),
@@ -280,3 +292,4 @@ def test_chat_bench_batched_repeats_keep_the_fastest_interleaved_run(monkeypatch
     assert [r["seconds_all"] for r in rows["fast"]] == [[1.5, 1.8], [0.5, 0.7]]
     assert [r["seconds"] for r in rows["fast"]] == [1.5, 0.5]
     assert all(r["identical"] and r["tokens"] == 16 for r in rows["fast"])
+    assert [r["prefill_seconds"] for r in rows["fast"]] == [0.2, 0.2]

@@ -192,20 +192,23 @@ def run(target, methods, prompts, max_new_tokens: int, progress=None, batch: int
         size = bucket(len(encode_conversation(target.tokenizer, conv)))
         outs = {}
         for name, drafter in methods.items():
-            if (name, size) not in warmed:  # compile this prompt bucket's program, warm up
-                js.generate(target, [conv], max_new_tokens, drafter=drafter)
+            if (name, size) not in warmed:  # compile this prompt bucket's programs, warm up
+                for new_tokens in (max_new_tokens, 1):
+                    js.generate(target, [conv], new_tokens, drafter=drafter)
                 warmed.add((name, size))
+        firsts = {}
         for _ in range(repeats):            # interleaved: a burst of load hits every method
             for name, drafter in methods.items():
                 outs.setdefault(name, []).append(
                     js.generate(target, [conv], max_new_tokens, drafter=drafter))
+                firsts.setdefault(name, []).append(_prefill_seconds(target, [conv], drafter))
         for name in methods:
             out = min(outs[name], key=lambda o: o.stats["seconds"])
             tokens = out.tokens[0, :out.lengths[0]].tolist()
             if name == "autoregressive":
                 base_tokens[pid] = tokens
             rows[name].append(dict(id=pid, category=category, tokens=int(out.lengths[0]),
-                                   seconds=out.stats["seconds"],
+                                   seconds=out.stats["seconds"], prefill_seconds=min(firsts[name]),
                                    seconds_all=[o.stats["seconds"] for o in outs[name]],
                                    mean_accepted=out.stats["mean_accepted"],
                                    rounds=int(np.sum(out.stats["target_steps"])) - 1,
@@ -215,6 +218,15 @@ def run(target, methods, prompts, max_new_tokens: int, progress=None, batch: int
             if progress is not None:
                 progress()
     return rows
+
+
+def _prefill_seconds(target, prompts, drafter) -> float:
+    """Seconds of what a call does before its first round: the same call with max_new_tokens=1
+    (the prefill, which gives the first token, and the drafter's setup, e.g. an Eagle's pass
+    over the prompt's features)."""
+    import jaxspec as js
+
+    return js.generate(target, prompts, 1, drafter=drafter).stats["seconds"]
 
 
 def _run_batched(target, methods, prompts, max_new_tokens, progress, batch, repeats=1):
@@ -228,12 +240,15 @@ def _run_batched(target, methods, prompts, max_new_tokens, progress, batch, repe
         outs = {}
         for name, drafter in methods.items():
             if (name, len(group)) not in warmed:
-                js.generate(target, group, max_new_tokens, drafter=drafter)
+                for new_tokens in (max_new_tokens, 1):
+                    js.generate(target, group, new_tokens, drafter=drafter)
                 warmed.add((name, len(group)))
+        firsts = {}
         for _ in range(repeats):            # interleaved, as at batch 1
             for name, drafter in methods.items():
                 outs.setdefault(name, []).append(
                     js.generate(target, group, max_new_tokens, drafter=drafter))
+                firsts.setdefault(name, []).append(_prefill_seconds(target, group, drafter))
         for name in methods:
             out = min(outs[name], key=lambda o: o.stats["seconds"])
             tokens = [out.tokens[i, :out.lengths[i]].tolist() for i in range(len(group))]
@@ -241,6 +256,7 @@ def _run_batched(target, methods, prompts, max_new_tokens, progress, batch, repe
                 base = tokens
             rows[name].append(dict(id=f"group-{g // batch + 1}", category=f"batch{batch}",
                                    tokens=int(out.lengths.sum()), seconds=out.stats["seconds"],
+                                   prefill_seconds=min(firsts[name]),
                                    seconds_all=[o.stats["seconds"] for o in outs[name]],
                                    rounds=int(np.max(out.stats["target_steps"])) - 1,
                                    accepted=int(np.sum(out.stats["accepted"])) / len(group),
@@ -269,8 +285,13 @@ def summarise(rows: dict) -> dict:
         tokens = sum(r["tokens"] for r in items)
         seconds = sum(r["seconds"] for r in items)
         rounds = sum(max(r["rounds"], 1) for r in items)
-        return dict(tokens_per_s=tokens / seconds, tokens=tokens, seconds=seconds,
-                    mean_accepted=sum(r["accepted"] for r in items) / rounds)
+        out = dict(tokens_per_s=tokens / seconds, tokens=tokens, seconds=seconds,
+                   mean_accepted=sum(r["accepted"] for r in items) / rounds)
+        if all("prefill_seconds" in r for r in items):
+            prefill = sum(r["prefill_seconds"] for r in items)
+            out["prefill_seconds"] = prefill
+            out["decode_tokens_per_s"] = tokens / max(seconds - prefill, 1e-9)
+        return out
 
     out = {}
     for name, items in rows.items():
@@ -282,6 +303,9 @@ def summarise(rows: dict) -> dict:
                 entry[c] = agg(pick)
                 entry[c]["speedup"] = entry[c]["tokens_per_s"] / agg(ref)["tokens_per_s"]
         entry["overall"]["speedup"] = entry["overall"]["tokens_per_s"] / agg(base)["tokens_per_s"]
+        if "decode_tokens_per_s" in entry["overall"] and "decode_tokens_per_s" in agg(base):
+            entry["overall"]["decode_speedup"] = (entry["overall"]["decode_tokens_per_s"]
+                                                  / agg(base)["decode_tokens_per_s"])
         depth = max(len(r["by_position"]) for r in items)
         by_pos = np.zeros(depth)
         for r in items:
@@ -352,15 +376,19 @@ def write(summary: dict, curve: dict, hf: dict | None, meta: dict, out_dir: Path
     lines = [f"# {meta['model']} on {meta['device']}", "",
              ", ".join(f"{k}: {v}" for k, v in meta.items()), "",
              "Speedup over jaxspec autoregressive (same run, greedy; tokens/s = total tokens / "
-             "total decode seconds per group):", "",
-             "| method | " + " | ".join(cats) + " | overall | slowest prompt | tokens/s | "
-             "mean accepted | identical |",
-             "|---" * (len(cats) + 6) + "|"]
+             "total seconds of the js.generate calls, prefill included; \"prefill excluded\": "
+             "each call's seconds less those of the same call with max_new_tokens=1, the prefill "
+             "and the drafter's setup):", "",
+             "| method | " + " | ".join(cats) + " | overall | overall, prefill excluded | "
+             "slowest prompt | tokens/s | mean accepted | identical |",
+             "|---" * (len(cats) + 7) + "|"]
     for m, e in summary.items():
         slow = e.get("slowest_prompt")
         slow = f"{slow['speedup']:.2f}x ({slow['id']})" if slow else "-"
+        decode = e["overall"].get("decode_speedup")
+        decode = f"{decode:.2f}x" if decode is not None else "-"
         lines.append(f"| {m} | " + " | ".join(f"{e[c]['speedup']:.2f}x" for c in cats)
-                     + f" | {e['overall']['speedup']:.2f}x | {slow} | "
+                     + f" | {e['overall']['speedup']:.2f}x | {decode} | {slow} | "
                      f"{e['overall']['tokens_per_s']:.1f} | "
                      f"{e['overall']['mean_accepted']:.2f} | {'yes' if e['identical'] else 'NO'} |")
     lines += ["", "Acceptance by draft position (accepted per round):", ""]

@@ -56,17 +56,13 @@ def _repeat_ms(step, args, carry, reps: int) -> float:
     return max(times[1 + reps] - times[1], 0.0) * 1000 / reps
 
 
-def round_parts(target, drafter, prompts_ids: list[list[int]], reps: int = 8) -> dict:
-    """ms of draft / target forward (all N nodes) / verify, each alone, after the prompts
-    (a ragged batch, right-padded)."""
-    from jaxspec.models.transformer import forward, new_cache, unstack_layers
+def state_after_prompt(target, drafter, prompts_ids: list[list[int]]) -> dict:
+    """What a round starts from after the prompts (a ragged batch, right-padded): the target as
+    the loops hold it, its cache and the drafter (bound), its state and context, greedy."""
+    from jaxspec.models.transformer import new_cache, unstack_layers
     from jaxspec.decoding import prefill
-    from jaxspec.sampling import Sampling
     from jaxspec.speculative.draft import Context
-    from jaxspec.speculative.loop import tree_tables
-    from jaxspec.speculative.verify import verify
 
-    sampling = Sampling()
     target = target.replace(tokenizer=None)
     if jax.default_backend() == "cpu" and not isinstance(target.params["layers"], (list, tuple)):
         target = target.replace(params=unstack_layers(target.params))
@@ -78,8 +74,7 @@ def round_parts(target, drafter, prompts_ids: list[list[int]], reps: int = 8) ->
         padded[b, :len(ids)] = ids
     tokens = jnp.asarray(padded)                                                   # [B, Tp]
     lengths = jnp.asarray([len(ids) for ids in prompts_ids], jnp.int32)            # [B]
-    n, depth_max = drafter.tree.num_nodes, drafter.tree.max_depth
-    max_len = tp + 64 + n
+    max_len = tp + 64 + drafter.tree.num_nodes
     cache = new_cache(target, batch, max_len)
     uses_hidden = getattr(drafter, "uses_target_hidden", False)
     logits, hidden, cache = jax.jit(prefill, static_argnums=4)(target, tokens, lengths, cache,
@@ -91,17 +86,58 @@ def round_parts(target, drafter, prompts_ids: list[list[int]], reps: int = 8) ->
     history = history.at[jnp.arange(batch), lengths].set(first)                    # [B, S]
     ctx = Context(history=history, length=cache.lengths + 1, cache_lengths=cache.lengths,
                   active=jnp.ones((batch,), bool))
+    return dict(target=target, drafter=drafter, cache=cache, dstate=dstate, ctx=ctx,
+                tokens=tokens, lengths=lengths)
+
+
+def drafting_ms(start: dict, reps: int = 8) -> float:
+    """ms of one `drafter.propose` on the state after the prompt (`state_after_prompt`)."""
+    from jaxspec.sampling import Sampling
+
+    sampling, key = Sampling(), jax.random.PRNGKey(0)
+    vocab = start["target"].config.vocab_size
+
+    def touched(tree, never):
+        """tree with `never` (a traced False) added to each array's first element: the next
+        propose depends on the last one, so XLA cannot hoist a state-independent draft (a
+        search of an unchanged history, heads on an unchanged hidden state) out of the loop."""
+        def touch(a):
+            if not hasattr(a, "ndim") or a.size == 0:
+                return a
+            index = (0,) * a.ndim
+            return a.at[index].set(a[index] + never.astype(a.dtype)) if a.ndim else a + never.astype(a.dtype)
+        return jax.tree_util.tree_map(touch, tree)
+
+    def draft_step(drafter, carry):
+        dstate, ctx, acc = carry
+        draft, dstate = drafter.propose(dstate, ctx, sampling, key, vocab)
+        acc = acc + draft.tokens.sum()
+        never = acc == -1                         # draft tokens are >= 0
+        return touched(dstate, never), ctx.replace(history=touched(ctx.history, never)), acc
+
+    return _repeat_ms(draft_step, start["drafter"], (start["dstate"], start["ctx"], jnp.int32(0)),
+                      reps)
+
+
+def round_parts(target, drafter, prompts_ids: list[list[int]], reps: int = 8) -> dict:
+    """ms of draft / target forward (all N nodes) / verify, each alone, after the prompts
+    (a ragged batch, right-padded)."""
+    from jaxspec.models.transformer import forward
+    from jaxspec.decoding import prefill
+    from jaxspec.sampling import Sampling
+    from jaxspec.speculative.loop import tree_tables
+    from jaxspec.speculative.verify import verify
+
+    sampling = Sampling()
+    start = state_after_prompt(target, drafter, prompts_ids)
+    target, drafter, cache = start["target"], start["drafter"], start["cache"]
+    dstate, ctx, tokens, lengths = start["dstate"], start["ctx"], start["tokens"], start["lengths"]
+    n, depth_max = drafter.tree.num_nodes, drafter.tree.max_depth
     vocab = target.config.vocab_size
     key = jax.random.PRNGKey(0)
     draft, _ = jax.jit(lambda s, c: drafter.propose(s, c, sampling, key, vocab))(dstate, ctx)
     depth, mask = tree_tables(draft, depth_max, drafter.tree)
     positions = cache.lengths[:, None] + depth
-
-    def draft_step(args, carry):
-        drafter, ctx = args
-        dstate, acc = carry
-        draft, dstate = drafter.propose(dstate, ctx, sampling, key, vocab)
-        return dstate, acc + draft.tokens.sum()
 
     def target_step(args, carry):
         target, draft, positions, mask = args
@@ -121,12 +157,12 @@ def round_parts(target, drafter, prompts_ids: list[list[int]], reps: int = 8) ->
         logits, _, cache = prefill(target, tokens, lengths, cache)
         return cache, acc + logits.sum()
 
-    zero_i, zero_f = jnp.int32(0), jnp.float32(0)
+    zero_f = jnp.float32(0)
     node_logits = jax.jit(lambda t, c: forward(t, draft.tokens, c, positions, mask)[0])(target, cache)
-    return dict(draft_ms=_repeat_ms(draft_step, (drafter, ctx), (dstate, zero_i), reps),
+    return dict(draft_ms=drafting_ms(start, reps),
                 target_all_ms=_repeat_ms(target_step, (target, draft, positions, mask),
                                          (cache, zero_f), reps),
-                verify_ms=_repeat_ms(verify_step, draft, (node_logits, zero_i), reps),
+                verify_ms=_repeat_ms(verify_step, draft, (node_logits, jnp.int32(0)), reps),
                 prefill_ms=_repeat_ms(prefill_step, target, (cache, zero_f), 2),
                 nodes=n)
 
