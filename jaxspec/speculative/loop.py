@@ -139,9 +139,6 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
                            and getattr(drafter, "drafts_confidence", True)
                            and getattr(drafter, "calibrated", True))
     calibration = costs.initial_calibration(batch) if sized_by_confidence else None  # 2 x [B]
-    # Whether the drafter's commit reads the target's logits at every node (Token Recycling's
-    # adjacency refresh) or ignores them (base.py): then a conditional round keeps the root's only.
-    all_logits = getattr(drafter, "reads_target_logits", True)
     zeros = jnp.zeros((batch,), jnp.int32)
     stats = (jnp.ones((batch,), jnp.int32), zeros, zeros, jnp.zeros((batch, depth_max), jnp.int32))
 
@@ -173,25 +170,18 @@ def generate_tokens(target: Model, drafter, prompt_tokens: jax.Array, prompt_len
         # (forward_pending): a branch that wrote the cache would make XLA copy the whole cache
         # buffer per round. The K/V are written once, after the conditional. A round with no
         # conditional (a pinned draft size) runs `forward_step`, as the plain loop does.
-        def kept(logits):
-            """The logits a branch hands on: every node's for a drafter whose commit reads them,
-            else the root's alone [B, 1, V] (the rate and calibration records read only those),
-            so a branch pads no [B, n, V] block: at batch 8 with 9 nodes that is 14 MB a round."""
-            return logits if all_logits else logits[:, :1]
-
         def padded(size, logits, hidden, new_k, new_v, verdict):
             """Outputs of a `size`-node forward padded to the draft's n nodes."""
             pad = lambda a, axis: jnp.pad(a, [(0, n - size if i == axis else 0)
                                               for i in range(a.ndim)])
-            logits = pad(logits, 1) if all_logits else logits[:, :1]
-            return logits, pad(hidden, 1), pad(new_k, 2), pad(new_v, 2), verdict
+            return pad(logits, 1), pad(hidden, 1), pad(new_k, 2), pad(new_v, 2), verdict
 
         def score():
             logits, hidden, new_k, new_v = forward_pending(target, draft.tokens, cache, positions,
                                                            mask)
             verdict = verify(rule, draft, constrained(logits), sampling, verify_key,
                              max_depth=depth_max, max_children=max_children)
-            return kept(logits), hidden, new_k, new_v, verdict
+            return logits, hidden, new_k, new_v, verdict
 
         def plain_step():
             """No row drafted anything: score the root alone, at a plain decode step's cost."""

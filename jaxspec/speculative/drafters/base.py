@@ -9,9 +9,6 @@ leaves, settings are static) with:
   commit(state, ctx, draft, verdict, target_logits [B, N, V]) -> state
   cache_slack() -> int     extra target-cache slots one step writes past the committed length
   check_compatible(target) raises ValueError when the drafter cannot serve this target
-
-and optionally `reads_target_logits` (default True): False when commit never reads
-target_logits; the loop may then pass the root's logits alone ([B, 1, V]) after a sized round.
 """
 
 from __future__ import annotations

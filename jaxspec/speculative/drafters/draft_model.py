@@ -93,8 +93,6 @@ class DraftModel:
     # another token); None: the draft's head covers the vocabulary.
     head_ids: jax.Array | None = None
 
-    reads_target_logits = False   # commit reads the verdict only (base.py)
-
     def __post_init__(self):
         if not isinstance(self.model, Model):
             raise ValueError(f"DraftModel needs a jaxspec Model (js.load(...)), got "

@@ -204,7 +204,6 @@ class Eagle:
     bound: dict | None = None
 
     uses_target_hidden = True
-    reads_target_logits = False   # commit reads the target's hidden states, not its logits
 
     def __post_init__(self):
         object.__setattr__(self, "sizing", checked_sizing(self.sizing))

@@ -161,7 +161,6 @@ class Hybrid:
 
     uses_target_hidden = True
     drafts_confidence = True
-    reads_target_logits = False   # its records and its Eagle's commit read no target logits
     calibrated = False   # the confidences are the records' already (the loop takes them as is)
     rule = "speculative"  # chains with their own q (one-hot for lookup rows): lossless
 

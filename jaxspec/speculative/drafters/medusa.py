@@ -148,7 +148,6 @@ class Medusa:
     bound: dict | None = None
 
     uses_target_hidden = True
-    reads_target_logits = False   # commit reads the target's hidden states, not its logits
 
     def __post_init__(self):
         from jaxspec.speculative.costs import checked_calibrated, checked_sizing

@@ -97,7 +97,6 @@ class PromptLookup:
     # loop's `plain_step` branch. The state ignores the target's logits, so nothing else changes.
     skips_empty_rounds = True
     drafts_confidence = False   # sized by past acceptance rates, greedy or not (loop.py)
-    reads_target_logits = False   # commit keeps no record of the target's logits (base.py)
 
     def __post_init__(self):
         if isinstance(self.ngram, bool) or not isinstance(self.ngram, int) or not 1 <= self.ngram <= 16:

@@ -79,7 +79,6 @@ class TokenRecycling:
     sizing: object = struct.field(pytree_node=False, default="auto")
 
     drafts_confidence = False   # sized by past acceptance rates, greedy or not (loop.py)
-    reads_target_logits = True    # commit refreshes its matrix from every scored node's logits
 
     def __post_init__(self):
         object.__setattr__(self, "sizing", checked_sizing(self.sizing))
