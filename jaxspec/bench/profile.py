@@ -104,8 +104,8 @@ def drafting_ms(start: dict, reps: int = 8) -> float:
         def touch(a):
             if not hasattr(a, "ndim") or a.size == 0:
                 return a
-            index = (0,) * a.ndim
-            return a.at[index].set(a[index] + never.astype(a.dtype)) if a.ndim else a + never.astype(a.dtype)
+            index = (0,) * a.ndim                       # () for a scalar
+            return a.at[index].set(a[index] + never.astype(a.dtype))
         return jax.tree_util.tree_map(touch, tree)
 
     def draft_step(drafter, carry):
